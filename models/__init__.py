@@ -1,0 +1,1 @@
+"""Package data: the model manifest (``manifest.toml``) and the default quality model."""

@@ -1,0 +1,27 @@
+"""Face detectors behind one interface; ``create_detector`` routes a manifest entry to its adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from crfiqa.service.detect.base import Detector, DetectorSettings
+from crfiqa.service.errors import ModelError
+from crfiqa.service.registry import ModelEntry
+
+
+def create_detector(path: Path, entry: ModelEntry, settings: DetectorSettings,
+                    providers: Sequence[str] = ("CPUExecutionProvider",)) -> Detector:
+    """Build the adapter for ``entry.family`` (``scrfd`` or ``yunet``)."""
+    if entry.family == "scrfd":
+        from crfiqa.service.detect.scrfd import SCRFD
+
+        return SCRFD(path, settings, providers)
+    if entry.family == "yunet":
+        from crfiqa.service.detect.yunet import YuNet
+
+        return YuNet(path, settings)
+    raise ModelError(f"{entry.name}: no detector adapter for family {entry.family!r}", code="unknown_model")
+
+
+__all__ = ["Detector", "DetectorSettings", "create_detector"]

@@ -1,0 +1,80 @@
+"""The detector interface, shared post-processing (order, size filter, cap) and the pre-cropped retry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from crfiqa.service.results import Detection
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Detection knobs: network input size, score and NMS thresholds, and result filters."""
+
+    input_size: int = 640
+    score_threshold: float = 0.5
+    nms_threshold: float = 0.4
+    max_faces: int = 0  # 0 = no cap
+    min_face_size: float = 0.0  # shorter box side, pixels
+
+    def with_overrides(self, **kw) -> DetectorSettings:
+        """A copy with the non-None keyword values replaced."""
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+class Detector(ABC):
+    """Finds faces in an RGB uint8 image; subclasses implement only ``_detect``."""
+
+    def __init__(self, settings: DetectorSettings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def _detect(self, rgb: np.ndarray, s: DetectorSettings) -> list[Detection]:
+        """Raw detections (after NMS) in image coordinates."""
+
+    def detect(self, rgb: np.ndarray, settings: DetectorSettings | None = None) -> list[Detection]:
+        """Faces ordered by score (ties: larger first), filtered by size and capped at ``max_faces``."""
+        s = settings or self.settings
+        faces = self._detect(rgb, s)
+        if not faces and max(rgb.shape[:2]) <= s.input_size // 2:
+            faces = self._detect_padded(rgb, s)
+        if s.min_face_size > 0:
+            faces = [f for f in faces if min(f.bbox[2] - f.bbox[0], f.bbox[3] - f.bbox[1]) >= s.min_face_size]
+        faces.sort(key=lambda f: (-f.score, -f.area))
+        return faces[: s.max_faces] if s.max_faces > 0 else faces
+
+    def _detect_padded(self, rgb: np.ndarray, s: DetectorSettings) -> list[Detection]:
+        """Retry for an already cropped face: a face filling the frame is too big for the anchors at a
+        large input size, so pad by half the image size on each side and look again."""
+        pad = max(rgb.shape[:2]) // 2
+        padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)))
+        shift = np.array([pad, pad], dtype=np.float32)
+        h, w = rgb.shape[:2]
+        out = []
+        for f in self._detect(padded, s):
+            bbox = f.bbox - np.tile(shift, 2)
+            bbox = np.clip(bbox, 0, [w, h, w, h]).astype(np.float32)
+            out.append(Detection(bbox=bbox, landmarks=f.landmarks - shift, score=f.score))
+        return out
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    """Greedy non-maximum suppression; returns kept indices in descending score order."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = scores.argsort()[::-1]
+    keep: list[int] = []
+    while order.size > 0:
+        i = int(order[0])
+        keep.append(i)
+        xx1 = np.maximum(x1[i], x1[order[1:]])
+        yy1 = np.maximum(y1[i], y1[order[1:]])
+        xx2 = np.minimum(x2[i], x2[order[1:]])
+        yy2 = np.minimum(y2[i], y2[order[1:]])
+        inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
+        iou = inter / (areas[i] + areas[order[1:]] - inter)
+        order = order[1:][iou <= threshold]
+    return keep

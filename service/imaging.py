@@ -1,0 +1,126 @@
+"""Decode image bytes of any supported format into an 8-bit RGB array, with limits and typed errors.
+
+Pillow is used rather than ``cv2.imdecode`` because OpenCV half-decodes a truncated JPEG without an
+error, ignores EXIF orientation in ``imdecode`` and reads no GIF; Pillow raises on all three.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from crfiqa.service.errors import DecodeError, LimitError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pbm", ".pnm"}
+)
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "MPO"})
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image ready for detection: ``rgb`` is HxWx3 uint8, C-contiguous, EXIF orientation applied."""
+
+    rgb: np.ndarray
+    format: str
+
+    @property
+    def height(self) -> int:
+        """Height in pixels."""
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Width in pixels."""
+        return int(self.rgb.shape[1])
+
+
+def decode_image(
+    data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
+    """Decode ``data`` into RGB uint8, raising ``DecodeError``/``LimitError`` with a stable code."""
+    if not data:
+        raise DecodeError("empty input: 0 bytes", code="empty_input")
+    if len(data) > max_bytes:
+        raise LimitError(f"input is {len(data)} bytes, over the limit of {max_bytes}", code="too_many_bytes")
+    try:
+        with warnings.catch_warnings():
+            # The pixel limit below is ours; Pillow's bomb warning would only duplicate it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise LimitError(str(exc), code="too_many_pixels") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DecodeError("not a decodable image (unknown or unsupported format)", code="unsupported_format") from exc
+    with image:
+        if image.format not in SUPPORTED_FORMATS:
+            raise DecodeError(f"unsupported image format {image.format}", code="unsupported_format")
+        if image.width * image.height > max_pixels:
+            raise LimitError(
+                f"image is {image.width}x{image.height} = {image.width * image.height} pixels, "
+                f"over the limit of {max_pixels}",
+                code="too_many_pixels",
+            )
+        if image.width == 0 or image.height == 0:
+            raise DecodeError("image has no pixels", code="corrupt_image")
+        try:
+            image.load()  # GIF/TIFF/WebP animations: the first frame is the one loaded.
+            fmt = image.format
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb8(image)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            raise DecodeError(f"corrupt or truncated {image.format} image: {exc}", code="corrupt_image") from exc
+    return DecodedImage(rgb=rgb, format=fmt or "")
+
+
+def read_image(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Read and decode a file; a missing or unreadable file is a ``DecodeError`` (code ``unreadable``)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise LimitError(f"{path} is {size} bytes, over the limit of {max_bytes}", code="too_many_bytes")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DecodeError(f"cannot read {path}: {exc.strerror or exc}", code="unreadable") from exc
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def _to_rgb8(image: Image.Image) -> np.ndarray:
+    """Normalise any Pillow mode (grayscale, palette, 16-bit, alpha, CMYK) to HxWx3 uint8 RGB."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Pillow's own convert("L") clips 16-bit values at 255; scale the full range instead.
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        gray = np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels hold arbitrary colours: composite onto white rather than expose them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def list_images(paths: list[str | Path]) -> list[Path]:
+    """Expand files and directories (recursively, image extensions only) into a sorted, de-duplicated list."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for p in map(Path, paths):
+        found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS) if p.is_dir() else [p]
+        for q in found:
+            if q not in seen:
+                seen.add(q)
+                out.append(q)
+    return out

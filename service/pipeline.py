@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crfiqa.service.align import align_face, as_aligned
+from crfiqa.service.align import ALIGNED_SIZE, ARCFACE_TEMPLATE, align_face, as_aligned
 from crfiqa.service.detect import Detector, DetectorSettings, create_detector
 from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_image
@@ -37,6 +37,7 @@ class PipelineSettings:
     batch_size: int = 32
     models_dir: Path | None = None
     decode_workers: int = min(4, os.cpu_count() or 1)
+    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = one per core
 
 
 class Pipeline:
@@ -55,13 +56,13 @@ class Pipeline:
         det = self.settings.detection
         if entry.detector_size and det.input_size == DetectorSettings().input_size:
             det = det.with_overrides(input_size=entry.detector_size)
-        return create_detector(path, entry, det, self.settings.providers)
+        return create_detector(path, entry, det, self.settings.providers, self.settings.intra_op_threads)
 
     @cached_property
     def quality(self) -> QualityModel:
         """The quality model adapter (verified on first use)."""
         path, entry = resolve(self.quality_name, "quality", self.manifest, self.settings.models_dir)
-        return QualityModel(path, entry, self.settings.providers)
+        return QualityModel(path, entry, self.settings.providers, self.settings.intra_op_threads)
 
     def decode(self, source: Source) -> DecodedImage:
         """Decode one source with the configured limits."""
@@ -94,8 +95,9 @@ class Pipeline:
         if aligned:
             crop = as_aligned(image.rgb)
             h, w = image.height, image.width
-            det = Detection(bbox=np.array([0, 0, w, h], dtype=np.float32),
-                            landmarks=np.zeros((5, 2), dtype=np.float32), score=1.0)
+            # The face is taken as aligned: its landmarks are the template's, in this image's scale.
+            landmarks = (ARCFACE_TEMPLATE * [w / ALIGNED_SIZE, h / ALIGNED_SIZE]).astype(np.float32)
+            det = Detection(bbox=np.array([0, 0, w, h], dtype=np.float32), landmarks=landmarks, score=1.0)
             return [det], crop[None]
         dets = self.detect(image.rgb, settings)
         return dets, self.align(image.rgb, dets)

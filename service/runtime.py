@@ -13,12 +13,16 @@ log = logging.getLogger(__name__)
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+_warned: set[tuple[str, ...]] = set()
+
+
 def select_providers(requested: Sequence[str] = DEFAULT_PROVIDERS) -> list[str]:
-    """Keep the requested providers this ONNX Runtime build has, in order; warn about the others."""
+    """Keep the requested providers this ONNX Runtime build has, in order; warn (once) about the others."""
     available = set(ort.get_available_providers())
     chosen = [p for p in requested if p in available]
-    missing = [p for p in requested if p not in available]
-    if missing:
+    missing = tuple(p for p in requested if p not in available)
+    if missing and missing not in _warned:
+        _warned.add(missing)
         # Typical cause: both onnxruntime and onnxruntime-gpu installed, so the CPU build shadows CUDA.
         log.warning("execution providers not available here, falling back: %s (available: %s)",
                     ", ".join(missing), ", ".join(sorted(available)))

@@ -11,12 +11,12 @@ from crfiqa.service.registry import ModelEntry
 
 
 def create_detector(path: Path, entry: ModelEntry, settings: DetectorSettings,
-                    providers: Sequence[str] = ("CPUExecutionProvider",)) -> Detector:
+                    providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0) -> Detector:
     """Build the adapter for ``entry.family`` (``scrfd`` or ``yunet``)."""
     if entry.family == "scrfd":
         from crfiqa.service.detect.scrfd import SCRFD
 
-        return SCRFD(path, settings, providers)
+        return SCRFD(path, settings, providers, intra_op_threads)
     if entry.family == "yunet":
         from crfiqa.service.detect.yunet import YuNet
 

@@ -31,6 +31,8 @@ class Detector(ABC):
     def __init__(self, settings: DetectorSettings) -> None:
         self.settings = settings
 
+    provider = "OpenCV"  # what runs the network; ONNX Runtime adapters report their execution provider
+
     @abstractmethod
     def _detect(self, rgb: np.ndarray, s: DetectorSettings) -> list[Detection]:
         """Raw detections (after NMS) in image coordinates."""

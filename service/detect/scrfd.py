@@ -16,7 +16,7 @@ import numpy as np
 from crfiqa.service.detect.base import Detector, DetectorSettings, nms
 from crfiqa.service.errors import ModelError
 from crfiqa.service.results import Detection
-from crfiqa.service.runtime import create_session
+from crfiqa.service.runtime import create_session, provider_in_use
 
 STRIDES = (8, 16, 32)
 ANCHORS_PER_CELL = 2
@@ -34,15 +34,17 @@ def _anchor_centres(height: int, width: int, stride: int) -> np.ndarray:
 class SCRFD(Detector):
     """SCRFD with 5 keypoints, any input size divisible by 32."""
 
-    def __init__(self, path: Path, settings: DetectorSettings, providers: Sequence[str]) -> None:
+    def __init__(self, path: Path, settings: DetectorSettings, providers: Sequence[str],
+                 intra_op_threads: int = 0) -> None:
         super().__init__(settings)
-        self.session = create_session(path, providers)
+        self.session = create_session(path, providers, intra_op_threads)
         self.input_name = self.session.get_inputs()[0].name
         outputs = self.session.get_outputs()
         if len(outputs) != 9:
             raise ModelError(f"{path}: SCRFD with keypoints has 9 outputs, this model has {len(outputs)}",
                              code="bad_model")
         self.output_names = [o.name for o in outputs]
+        self.provider = provider_in_use(self.session)
 
     def _detect(self, rgb: np.ndarray, s: DetectorSettings) -> list[Detection]:
         """Letterbox to ``input_size`` (top-left, zero pad), run, decode, NMS, map back."""

@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI app, cross-request batching, metrics, auth and limits."""

@@ -1,0 +1,129 @@
+"""Cross-request dynamic batching of quality inference (Triton-style), with a bounded queue.
+
+Requests submit their face crops; one collector gathers crops from concurrent requests until
+``max_batch_size`` faces or ``max_queue_delay`` has passed since the first, runs the model once in an
+executor thread (off the event loop), and splits the result back per request. A failure fails only the
+requests in that batch; a full queue is refused at once so the caller can answer 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from crfiqa.service.errors import CrfiqaError
+
+
+class QueueFullError(CrfiqaError):
+    """More faces are waiting than ``max_queue_size`` allows."""
+
+    code = "queue_full"
+
+
+@dataclass
+class _Item:
+    crops: np.ndarray
+    future: asyncio.Future
+
+
+class DynamicBatcher:
+    """Gathers crops across requests into batches for ``fn`` (a pure batch-in, values-out function)."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], executor: Executor, max_batch_size: int,
+                 max_queue_delay_s: float, max_queue_size: int,
+                 on_batch: Callable[[int], None] = lambda n: None,
+                 on_depth: Callable[[int], None] = lambda n: None) -> None:
+        self.fn, self.executor = fn, executor
+        self.max_batch_size, self.max_delay, self.max_queue_size = max_batch_size, max_queue_delay_s, max_queue_size
+        self.on_batch, self.on_depth = on_batch, on_depth
+        self.pending = 0  # faces submitted and not yet answered
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._carry: _Item | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start the collector on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._collect())
+
+    async def stop(self) -> None:
+        """Answer what is queued, then stop the collector."""
+        while self.pending and self._task is not None and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, crops: np.ndarray) -> np.ndarray:
+        """Values for ``crops`` [N,...] once their batch has run; raises ``QueueFullError`` when full."""
+        n = len(crops)
+        if n == 0:
+            return np.zeros(0)
+        if self.pending + n > self.max_queue_size:
+            raise QueueFullError(f"{self.pending} faces queued; the limit is {self.max_queue_size}")
+        future = asyncio.get_running_loop().create_future()
+        self.pending += n
+        self.on_depth(self.pending)
+        self._queue.put_nowait(_Item(crops, future))
+        return await future
+
+    async def _next(self, timeout: float | None) -> _Item:
+        """The held-over item if any, else the next queued one (waiting at most ``timeout``)."""
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        if timeout is None:
+            return await self._queue.get()
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    async def _collect(self) -> None:
+        """Form batches forever: wait for a first item, then fill until full or the delay passes."""
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next(None)
+            items, size = [first], len(first.crops)
+            deadline = loop.time() + self.max_delay
+            while size < self.max_batch_size:
+                try:
+                    item = await self._next(max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+                if size + len(item.crops) > self.max_batch_size:
+                    self._carry = item  # keep it for the next batch rather than overfill this one
+                    break
+                items.append(item)
+                size += len(item.crops)
+            await self._run(items, size)
+
+    async def _run(self, items: list[_Item], size: int) -> None:
+        """Run one batch in the executor and hand each request its slice."""
+        loop = asyncio.get_running_loop()
+        live = [it for it in items if not it.future.done()]  # skip requests that went away
+        try:
+            if live:
+                batch = np.concatenate([it.crops for it in live])
+                self.on_batch(len(batch))
+                values = await loop.run_in_executor(self.executor, self._chunked, batch)
+                offset = 0
+                for it in live:
+                    n = len(it.crops)
+                    if not it.future.done():
+                        it.future.set_result(values[offset:offset + n])
+                    offset += n
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+        finally:
+            self.pending -= size
+            self.on_depth(self.pending)
+
+    def _chunked(self, batch: np.ndarray) -> np.ndarray:
+        """Call ``fn`` in chunks of ``max_batch_size`` (one oversized request can exceed it)."""
+        step = self.max_batch_size
+        return np.concatenate([self.fn(batch[i:i + step]) for i in range(0, len(batch), step)])

@@ -1,0 +1,250 @@
+"""The ``crfiqa`` command. Subcommands import their heavy modules lazily: ``score`` never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+log = logging.getLogger("crfiqa")
+
+CSV_COLUMNS = ["path", "status", "error_code", "face", "det_score", "x1", "y1", "x2", "y2",
+               "quality_raw", "quality_score"]
+
+
+def _detection_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that detects faces."""
+    p.add_argument("paths", nargs="+", help="image files or directories (searched recursively)")
+    p.add_argument("--detector", default=None, help="detector name from the manifest (default scrfd_500m)")
+    p.add_argument("--det-size", type=int, default=None, help="detector input size in pixels (default 640)")
+    p.add_argument("--det-threshold", type=float, default=None, help="detection score threshold (default 0.5)")
+    p.add_argument("--max-faces", type=int, default=None, help="keep at most N faces per image (0 = all)")
+    p.add_argument("--min-face-size", type=float, default=None, help="drop faces whose shorter box side is smaller (px)")
+    p.add_argument("--models-dir", type=Path, default=None, help="model directory (env CRFIQA_MODELS_DIR)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated ONNX Runtime providers (default CUDA then CPU, filtered by availability)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _pipeline(args: argparse.Namespace, quality: str | None = None):
+    """Build a Pipeline from the ``CRFIQA_*`` environment overridden by CLI options."""
+    from crfiqa.service.pipeline import Pipeline
+    from crfiqa.service.settings import Settings
+
+    env = Settings()
+    overrides = {"detector": args.detector, "quality_model": quality, "providers": args.providers,
+                 "models_dir": args.models_dir, "det_size": args.det_size, "det_threshold": args.det_threshold}
+    settings = env.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    pipe = settings.pipeline_settings()
+    det = pipe.detection.with_overrides(max_faces=args.max_faces, min_face_size=args.min_face_size)
+    return Pipeline(replace(pipe, detection=det, intra_op_threads=0))
+
+
+def _iterate(args: argparse.Namespace, score: bool, quality: str | None = None, aligned: bool = False):
+    """Run the pipeline over the expanded paths with a progress bar; returns (pipeline, iterator, count)."""
+    from tqdm import tqdm
+
+    from crfiqa.service.imaging import list_images
+
+    paths = list_images(args.paths)
+    pipe = _pipeline(args, quality)
+    if score:
+        _ = pipe.quality  # load (and verify) before the loop so a bad model fails once, clearly
+    if not aligned:
+        _ = pipe.detector
+    results = pipe.run(paths, score=score, aligned=aligned)
+    bar = tqdm(results, total=len(paths), unit="img", file=sys.stderr, disable=args.quiet or len(paths) < 2)
+    return pipe, bar, len(paths)
+
+
+def _exit_code(n_ok: int, n_total: int) -> int:
+    """Non-zero only when nothing at all could be processed."""
+    return 0 if n_ok > 0 or n_total == 0 else 1
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """Detect faces; print one JSON line per image."""
+    _, results, total = _iterate(args, score=False)
+    n_ok = 0
+    for result, _ in results:
+        n_ok += result.ok
+        print(json.dumps(result.to_dict()), flush=True)
+    return _exit_code(n_ok, total)
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    """Detect and write aligned 112x112 crops ``OUT/<stem>_<k>.png``; print one JSON line per image."""
+    import cv2
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    _, results, total = _iterate(args, score=False)
+    n_ok = 0
+    for result, crops in results:
+        n_ok += result.ok
+        out = result.to_dict()
+        stem = Path(result.source).stem
+        out["crops"] = []
+        for k, crop in enumerate(crops):
+            target = args.out / f"{stem}_{k}.png"
+            cv2.imwrite(str(target), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+            out["crops"].append(str(target))
+        print(json.dumps(out), flush=True)
+    return _exit_code(n_ok, total)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Detect, align and score; JSON lines on stdout, or a CSV/JSONL file with ``--out``."""
+    _, results, total = _iterate(args, score=True, quality=args.model, aligned=args.aligned)
+    n_ok = 0
+    out_fh = open(args.out, "w", newline="") if args.out else None  # noqa: SIM115
+    try:
+        writer = None
+        if out_fh is not None and args.out.suffix.lower() == ".csv":
+            writer = csv.writer(out_fh)
+            writer.writerow(CSV_COLUMNS)
+        for result, _ in results:
+            n_ok += result.ok
+            if writer is not None:
+                writer.writerows(_csv_rows(result))
+            else:
+                line = json.dumps(result.to_dict())
+                print(line, file=out_fh or sys.stdout, flush=out_fh is None)
+    finally:
+        if out_fh is not None:
+            out_fh.close()
+    return _exit_code(n_ok, total)
+
+
+def _csv_rows(result) -> list[list]:
+    """One CSV row per face; an image with no face or an error still gets one row, so nothing is lost."""
+    code = result.error.code if result.error else ""
+    status = "ok" if result.ok else "error"
+    if not result.faces:
+        return [[result.source, status, code, "", "", "", "", "", "", "", ""]]
+    rows = []
+    for k, face in enumerate(result.faces):
+        d, q = face.detection, face.quality
+        rows.append([result.source, status, code, k, f"{d.score:.5f}", *(f"{v:.2f}" for v in d.bbox),
+                     f"{q.raw:.6f}" if q else "", f"{q.score:.3f}" if q else ""])
+    return rows
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List, fetch or verify the models of the manifest."""
+    from crfiqa.service import registry
+
+    manifest = registry.Manifest.load()
+    directory = args.models_dir or registry.models_dir()
+    if args.action == "list":
+        for name, e in manifest.entries.items():
+            state = _state(e, directory)
+            print(f"{name:16s} {e.role:12s} {state:10s} {e.file:34s} {e.licence}")
+        return 0
+    names = args.names or [n for n, e in manifest.entries.items() if args.action == "verify" or e.sha256_verified]
+    failures = 0
+    if args.action == "fetch":
+        mirror = args.mirror or (Path(os.environ["CRFIQA_MODEL_MIRROR"]) if os.environ.get("CRFIQA_MODEL_MIRROR") else None)
+        for name in names:
+            from crfiqa.service.errors import CrfiqaError
+
+            try:
+                path = registry.fetch(manifest.get(name), directory, mirror, sha256=args.sha256, progress=not args.quiet)
+                print(f"{name}: ok {path}")
+            except CrfiqaError as exc:
+                failures += 1
+                print(f"{name}: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1 if failures else 0
+    for name in names:
+        state = _state(manifest.get(name), directory)
+        failures += state not in ("ok", "packaged")
+        print(f"{name:16s} {state}")
+    return 1 if failures else 0
+
+
+def _state(entry, directory: Path) -> str:
+    """ok / missing / mismatch (plus 'unverified-hash' for hashes not confirmed against the official file)."""
+    from crfiqa.service import registry
+    from crfiqa.service.errors import ModelError
+
+    try:
+        path = registry.locate(entry, directory)
+        registry.verify_file(path, entry)
+    except ModelError as exc:
+        return "missing" if exc.code == "model_not_found" else "mismatch"
+    return "ok" if entry.sha256_verified else "ok-unverified-hash"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="crfiqa", description="Face image quality assessment (CR-FIQA).")
+    parser.add_argument("--log-level", default=os.environ.get("CRFIQA_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("detect", help="detect faces, print JSON lines")
+    _detection_args(p)
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("align", help="write aligned 112x112 crops")
+    _detection_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("score", help="score face quality")
+    _detection_args(p)
+    p.add_argument("--model", default=None, help="quality model: manifest name or .onnx path")
+    p.add_argument("--aligned", action="store_true", help="inputs are aligned 112x112 faces: skip detection")
+    p.add_argument("--out", type=Path, default=None, help="write FILE.csv (one row per face) or FILE.jsonl")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("models", help="list, fetch or verify models")
+    p.add_argument("action", choices=["list", "fetch", "verify"])
+    p.add_argument("names", nargs="*", help="model names (default: all)")
+    p.add_argument("--from", dest="mirror", type=Path, default=None,
+                   help="copy from a mirror directory laid out like models/ (env CRFIQA_MODEL_MIRROR)")
+    p.add_argument("--sha256", default=None, help="expected sha256 (overrides the manifest; one model)")
+    p.add_argument("--models-dir", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    for name, help_text, loader in _EXTRA_COMMANDS:
+        loader(sub.add_parser(name, help=help_text))
+    return parser
+
+
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    """Register ``crfiqa serve`` (the FastAPI service)."""
+    from crfiqa.service.api.server import add_arguments, main as serve_main
+
+    add_arguments(p)
+    p.set_defaults(func=serve_main)
+
+
+_EXTRA_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = [
+    ("serve", "run the HTTP service", _serve_parser),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``crfiqa`` console script."""
+    from crfiqa.service.errors import CrfiqaError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CrfiqaError as exc:
+        print(f"crfiqa: error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `crfiqa score ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Runtime configuration from the environment (prefix ``CRFIQA_``), shared by ``crfiqa serve`` and the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from crfiqa.service.detect import DetectorSettings
+from crfiqa.service.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from crfiqa.service.pipeline import PipelineSettings
+from crfiqa.service.runtime import DEFAULT_PROVIDERS
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; values out of range are refused at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="CRFIQA_", extra="ignore")
+
+    models_dir: Path | None = Field(None, description="directory of fetched models (default: the packaged models/)")
+    detector: str | None = Field(None, description="detector name from the manifest (default scrfd_500m)")
+    quality_model: str | None = Field(None, description="quality model: manifest name or .onnx path")
+    providers: str = Field(",".join(DEFAULT_PROVIDERS), description="comma-separated ONNX Runtime providers")
+    det_size: int = Field(640, ge=32, le=4096, description="detector input size, pixels")
+    det_threshold: float = Field(0.5, ge=0.0, le=1.0, description="default detection score threshold")
+    max_body_bytes: int = Field(50 * 1024 * 1024, gt=0, description="largest request body, bytes")
+    max_images_per_request: int = Field(64, gt=0, description="most images in one request")
+    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0, description="largest encoded image, bytes")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="largest decoded image, pixels")
+    max_batch_size: int = Field(32, gt=0, le=1024, description="most faces in one quality inference")
+    max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000, description="longest wait to fill a batch, ms")
+    max_queue_size: int = Field(1024, gt=0, description="most faces waiting for inference before 503")
+    worker_threads: int = Field(2, gt=0, le=256, description="threads for decoding, detection and alignment")
+    inference_threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session (0 = all cores)")
+    warmup_rounds: int = Field(2, ge=1, le=100_000, description="warm-up inferences per batch size before ready")
+    api_keys: str = Field("", description="comma-separated API keys; empty = no authentication")
+    metrics_require_key: bool = Field(False, description="require an API key on /metrics too")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0 = any free port)")
+    log_level: str = Field("info", description="debug, info, warning or error")
+    graceful_timeout_s: float = Field(30.0, ge=0, description="how long shutdown waits for in-flight requests")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.lower()
+        if v not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError("log_level must be debug, info, warning, error or critical")
+        return v
+
+    @property
+    def provider_list(self) -> tuple[str, ...]:
+        """Providers as a tuple."""
+        return tuple(p.strip() for p in self.providers.split(",") if p.strip())
+
+    @property
+    def key_list(self) -> list[str]:
+        """API keys as a list (empty: authentication off)."""
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def pipeline_settings(self) -> PipelineSettings:
+        """The pipeline these settings describe."""
+        return PipelineSettings(
+            detector=self.detector, quality=self.quality_model, providers=self.provider_list,
+            detection=DetectorSettings(input_size=self.det_size, score_threshold=self.det_threshold),
+            max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, batch_size=self.max_batch_size,
+            models_dir=self.models_dir, intra_op_threads=self.inference_threads,
+        )

@@ -1,0 +1,120 @@
+"""Decoding: every supported format, EXIF, odd pixel formats, and every error class."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crfiqa.service.errors import DecodeError, LimitError
+from crfiqa.service.imaging import decode_image, list_images, read_image
+from tests.helpers import SAMPLES
+
+
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def gradient() -> Image.Image:
+    """A 64x48 RGB image with distinct channels (R varies with x, G with y, B constant)."""
+    x = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
+    y = np.tile(np.linspace(0, 255, 48, dtype=np.uint8)[:, None], (1, 64))
+    return Image.fromarray(np.dstack([x, y, np.full_like(x, 40)]))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP", "JPEG", "GIF", "PPM"])
+def test_formats_decode_to_rgb8(gradient: Image.Image, fmt: str) -> None:
+    kw = {"lossless": True} if fmt == "WEBP" else {"quality": 95} if fmt == "JPEG" else {}
+    img = decode_image(_encode(gradient, fmt, **kw))
+    assert img.rgb.shape == (48, 64, 3) and img.rgb.dtype == np.uint8 and img.rgb.flags.c_contiguous
+    tol = {"JPEG": 12, "GIF": 40}.get(fmt, 0)
+    assert np.abs(img.rgb.astype(int) - np.asarray(gradient, dtype=int)).mean() <= tol
+    # Channel order kept: red grows left to right, green top to bottom.
+    assert img.rgb[24, -1, 0] > img.rgb[24, 0, 0] + 100 and img.rgb[-1, 32, 1] > img.rgb[0, 32, 1] + 100
+
+
+def test_pgm_grayscale_becomes_three_channels() -> None:
+    gray = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    img = decode_image(_encode(gray, "PPM"))  # Pillow writes mode L as binary PGM (P5)
+    assert img.rgb.shape == (16, 16, 3)
+    assert np.array_equal(img.rgb[..., 0], img.rgb[..., 2]) and img.rgb[15, 15, 1] == 255
+
+
+def test_gif_first_frame() -> None:
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    img = decode_image(buf.getvalue())
+    assert tuple(img.rgb[4, 4]) == (255, 0, 0)
+
+
+def test_sixteen_bit_scaled_not_clipped() -> None:
+    arr = np.full((10, 10), 32768, dtype=np.uint16)
+    img = decode_image(_encode(Image.fromarray(arr), "PNG"))
+    assert img.rgb.shape == (10, 10, 3) and 126 <= int(img.rgb[0, 0, 0]) <= 129
+
+
+def test_alpha_composited_on_white() -> None:
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red under full transparency must not leak through
+    img = decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert tuple(img.rgb[0, 0]) == (255, 255, 255)
+
+
+def test_exif_orientation_applied(gradient: Image.Image) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img = decode_image(_encode(gradient, "JPEG", exif=exif, quality=95))
+    assert img.rgb.shape == (64, 48, 3)
+
+
+def test_empty_input() -> None:
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"")
+    assert e.value.code == "empty_input"
+
+
+def test_garbage_input() -> None:
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"this is not an image at all" * 10)
+    assert e.value.code == "unsupported_format"
+
+
+def test_truncated_jpeg_is_an_error() -> None:
+    data = (SAMPLES / "t1.jpg").read_bytes()
+    with pytest.raises(DecodeError) as e:
+        decode_image(data[: len(data) // 2])
+    assert e.value.code == "corrupt_image"
+
+
+def test_byte_limit() -> None:
+    with pytest.raises(LimitError) as e:
+        decode_image((SAMPLES / "t1.jpg").read_bytes(), max_bytes=1000)
+    assert e.value.code == "too_many_bytes"
+
+
+def test_pixel_limit_stops_decompression_bomb() -> None:
+    bomb = _encode(Image.new("L", (12000, 12000)), "PNG")  # ~140 kB of zeros, 144 Mpx
+    assert len(bomb) < 1_000_000
+    with pytest.raises(LimitError) as e:
+        decode_image(bomb, max_pixels=40_000_000)
+    assert e.value.code == "too_many_pixels"
+
+
+def test_unreadable_path(tmp_path) -> None:
+    with pytest.raises(DecodeError) as e:
+        read_image(tmp_path / "missing.jpg")
+    assert e.value.code == "unreadable"
+
+
+def test_list_images_recurses_and_filters(tmp_path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ["a/x.jpg", "a/b/y.PNG", "a/notes.txt", "z.webp"]:
+        (tmp_path / name).write_bytes(b"x")
+    found = [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path])]
+    assert found == ["a/b/y.PNG", "a/x.jpg", "z.webp"]

@@ -1,0 +1,69 @@
+"""Quality scoring: the input contract (RGB, normalisation), batching, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crfiqa.service.facemodel import calibrate
+from crfiqa.service.imaging import read_image
+from crfiqa.service.preprocess import QUALITY_INPUT, InputSpec, to_blob
+from crfiqa.service.registry import Calibration
+from tests.helpers import SAMPLES, expected_channel_quality, lfw_dev_images
+
+
+def test_blob_is_rgb_nchw_normalised() -> None:
+    crop = np.zeros((112, 112, 3), np.uint8)
+    crop[..., 0] = 255  # pure red
+    blob = to_blob(crop)
+    assert blob.shape == (1, 3, 112, 112) and blob.dtype == np.float32
+    assert np.allclose(blob[0, 0], 1.0) and np.allclose(blob[0, 1:], -1.0)
+    bgr = to_blob(crop, InputSpec(colour="BGR", mean=0, std=1))
+    assert np.allclose(bgr[0, 2], 255.0) and np.allclose(bgr[0, 0], 0.0)
+
+
+def test_blob_rejects_wrong_size() -> None:
+    with pytest.raises(ValueError):
+        to_blob(np.zeros((1, 100, 112, 3), np.uint8), QUALITY_INPUT)
+
+
+def test_colour_order_reaches_the_model_as_rgb(make_pipeline, channel_model) -> None:
+    """A model whose output depends on channel order gets exactly the RGB contract (t1.jpg is in colour)."""
+    pipe = make_pipeline(quality=str(channel_model))
+    (result, crops), = pipe.run([SAMPLES / "t1.jpg"])
+    assert len(result.faces) == 6
+    rgb = read_image(SAMPLES / "t1.jpg").rgb
+    assert rgb[..., 0].mean() > rgb[..., 2].mean() + 5  # warm photo: red dominates blue
+    for face, crop in zip(result.faces, crops):
+        assert face.quality.raw == pytest.approx(expected_channel_quality(crop), abs=1e-5)
+        swapped = expected_channel_quality(crop[..., ::-1])
+        assert abs(face.quality.raw - swapped) > 1e-3  # the test can tell BGR from RGB
+
+
+@pytest.mark.parametrize("model", ["mbf_norm", "channel"])
+def test_batched_equals_one_by_one(make_pipeline, channel_model, model: str) -> None:
+    pipe = make_pipeline(quality=str(channel_model) if model == "channel" else model)
+    crops = np.concatenate([c for _, c in pipe.run(lfw_dev_images(12), score=False)])
+    assert len(crops) >= 12
+    batched = pipe.quality.predict(crops)
+    single = np.concatenate([pipe.quality.predict(c[None]) for c in crops])
+    assert np.abs(batched - single).max() <= 1e-5 * max(1.0, np.abs(single).max())
+
+
+def test_calibration_is_monotone_and_centred() -> None:
+    cal = Calibration(centre=20.0, scale=2.0)
+    raw = np.array([-1e9, 10.0, 20.0, 30.0, 1e9])
+    s = calibrate(raw, cal)
+    assert s[2] == pytest.approx(50.0) and (np.diff(s) > 0).all() and s[0] >= 0 and s[-1] <= 100
+
+
+def test_sharp_face_beats_blurred_copy(make_pipeline) -> None:
+    """The default model ranks a face above the same face blurred and downscaled."""
+    import cv2
+
+    pipe = make_pipeline()
+    rgb = read_image(SAMPLES / "Tom_Hanks_54745.png").rgb
+    small = cv2.resize(cv2.GaussianBlur(rgb, (0, 0), 2.0), (16, 16), interpolation=cv2.INTER_AREA)
+    degraded = cv2.resize(small, (112, 112), interpolation=cv2.INTER_LINEAR)
+    q = pipe.score_crops(np.stack([rgb, degraded]))
+    assert q[0].raw > q[1].raw and q[0].score > q[1].score

@@ -29,6 +29,8 @@ def _detection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", type=Path, default=None, help="model directory (env CRFIQA_MODELS_DIR)")
     p.add_argument("--providers", default=None,
                    help="comma-separated ONNX Runtime providers (default CUDA then CPU, filtered by availability)")
+    p.add_argument("--select", choices=["center", "largest", "score"], default=None,
+                   help="keep one face per image: nearest the centre, largest, or highest score (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -54,11 +56,7 @@ def _iterate(args: argparse.Namespace, score: bool, quality: str | None = None, 
 
     paths = list_images(args.paths)
     pipe = _pipeline(args, quality)
-    if score:
-        _ = pipe.quality  # load (and verify) before the loop so a bad model fails once, clearly
-    if not aligned:
-        _ = pipe.detector
-    results = pipe.run(paths, score=score, aligned=aligned)
+    results = pipe.run(paths, score=score, aligned=aligned, select=args.select)
     bar = tqdm(results, total=len(paths), unit="img", file=sys.stderr, disable=args.quiet or len(paths) < 2)
     return pipe, bar, len(paths)
 
@@ -225,8 +223,25 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=serve_main)
 
 
+def _training_parser(add: str, run: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Register a training command: its flags come from a torch-free module, its code loads on use."""
+
+    def register(p: argparse.ArgumentParser) -> None:
+        from crfiqa.training import cli as training_cli
+
+        getattr(training_cli, add)(p)
+        p.set_defaults(func=lambda args: getattr(training_cli, run)(args))
+
+    return register
+
+
 _EXTRA_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = [
     ("serve", "run the HTTP service", _serve_parser),
+    ("prepare", "align raw identity folders into a training set", _training_parser("add_prepare_arguments", "run_prepare")),
+    ("train", "train a CR-FIQA model (runs under torchrun too)", _training_parser("add_train_arguments", "run_train")),
+    ("export", "export a checkpoint to a quality ONNX model", _training_parser("add_export_arguments", "run_export")),
+    ("convert-official", "convert a released CR-FIQA checkpoint to ONNX",
+     _training_parser("add_convert_arguments", "run_convert")),
 ]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from crfiqa.service.align import ALIGNED_SIZE, ARCFACE_TEMPLATE, align_face, as_aligned
 from crfiqa.service.detect import Detector, DetectorSettings, create_detector
+from crfiqa.service.detect.base import select_one
 from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_image
 from crfiqa.service.registry import Manifest, resolve
@@ -89,9 +90,10 @@ class Pipeline:
         scores = self.quality.score(raw)
         return [Quality(float(r), float(s)) for r, s in zip(raw, scores)]
 
-    def analyse(self, image: DecodedImage, aligned: bool = False,
-                settings: DetectorSettings | None = None) -> tuple[list[Detection], np.ndarray]:
-        """Detections and their aligned crops; ``aligned`` treats the whole image as one aligned face."""
+    def analyse(self, image: DecodedImage, aligned: bool = False, settings: DetectorSettings | None = None,
+                select: str | None = None) -> tuple[list[Detection], np.ndarray]:
+        """Detections and their aligned crops; ``aligned`` treats the whole image as one aligned face;
+        ``select`` (center, largest, score) keeps the one face an image of one subject is about."""
         if aligned:
             crop = as_aligned(image.rgb)
             h, w = image.height, image.width
@@ -100,12 +102,20 @@ class Pipeline:
             det = Detection(bbox=np.array([0, 0, w, h], dtype=np.float32), landmarks=landmarks, score=1.0)
             return [det], crop[None]
         dets = self.detect(image.rgb, settings)
+        if select:
+            dets = select_one(dets, image.width, image.height, select)
         return dets, self.align(image.rgb, dets)
 
     def run(self, sources: Iterable[Source], score: bool = True, aligned: bool = False,
-            settings: DetectorSettings | None = None, chunk: int = 64) -> Iterator[tuple[ImageResult, np.ndarray]]:
+            settings: DetectorSettings | None = None, chunk: int = 64,
+            select: str | None = None) -> Iterator[tuple[ImageResult, np.ndarray]]:
         """Process sources in order, yielding each result with its crops; decoding runs in parallel threads
-        while the models run, and quality is batched across the images of a chunk."""
+        while the models run, and quality is batched across the images of a chunk. A model that cannot be
+        loaded fails the whole run here (ModelError), never image by image."""
+        if not aligned:
+            _ = self.detector
+        if score:
+            _ = self.quality
         it = iter(sources)
         with ThreadPoolExecutor(self.settings.decode_workers) as pool:
             while True:
@@ -122,7 +132,7 @@ class Pipeline:
                         crops.append(np.zeros((0, 112, 112, 3), np.uint8))
                         continue
                     try:
-                        dets, face_crops = self.analyse(image, aligned, settings)
+                        dets, face_crops = self.analyse(image, aligned, settings, select)
                     except CrfiqaError as exc:
                         results.append(ImageResult(name, error=exc, width=image.width, height=image.height))
                         crops.append(np.zeros((0, 112, 112, 3), np.uint8))

@@ -12,7 +12,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
@@ -25,6 +25,7 @@ from crfiqa.service.api.batching import DynamicBatcher
 from crfiqa.service.api.logs import request_id
 from crfiqa.service.api.metrics import Metrics
 from crfiqa.service.api.schemas import ErrorResponse, Options, QualityRequest, QualityResponse
+from crfiqa.service.detect.base import select_one
 from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.imaging import decode_image
 from crfiqa.service.pipeline import Pipeline
@@ -114,6 +115,8 @@ class Service:
                 det = self.pipeline.detector.settings.with_overrides(
                     max_faces=opts.max_faces, min_face_size=opts.min_face_size, score_threshold=opts.det_threshold)
                 dets = self.pipeline.detect(image.rgb, det)
+                if opts.select:
+                    dets = select_one(dets, image.width, image.height, opts.select)
                 t2 = time.perf_counter()
                 timings["detect"] = t2 - t1
                 crops = self.pipeline.align(image.rgb, dets)
@@ -275,13 +278,15 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         min_face_size: Annotated[float | None, Query(ge=0, description="minimum shorter box side, pixels")] = None,
         det_threshold: Annotated[float | None, Query(ge=0, le=1, description="detection score threshold, 0-1")] = None,
         return_landmarks: Annotated[bool, Query(description="include the 5 landmarks")] = True,
+        select: Annotated[Literal["center", "largest", "score"] | None,
+                          Query(description="keep one face per image: center, largest or score (default: all)")] = None,
     ) -> JSONResponse:
         """Score the quality of every face in one or more images (multipart field `images`, or JSON base64)."""
         if not service.ready:
             raise RequestError("models are still warming up", code="not_ready")
         t0 = time.perf_counter()
         opts = Options(aligned=aligned, max_faces=max_faces, min_face_size=min_face_size,
-                       det_threshold=det_threshold, return_landmarks=return_landmarks)
+                       det_threshold=det_threshold, return_landmarks=return_landmarks, select=select)
         items, key, opts = await _read_images(request, opts, settings.max_images_per_request)
         results, timing = await service.score(items, opts)
         timing["total"] = round(1000 * (time.perf_counter() - t0), 3)

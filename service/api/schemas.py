@@ -17,6 +17,9 @@ class Options(BaseModel):
     min_face_size: float | None = Field(None, ge=0, le=100_000, description="drop faces whose shorter box side is smaller, pixels")
     det_threshold: float | None = Field(None, ge=0.0, le=1.0, description="detection score threshold, 0-1")
     return_landmarks: bool = Field(True, description="include the 5 landmarks of each face")
+    select: Literal["center", "largest", "score"] | None = Field(
+        None, description="keep one face per image: box centre nearest the image centre, largest box, or "
+                          "highest detection score (default: all faces)")
 
 
 class ImageIn(BaseModel):

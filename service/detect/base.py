@@ -63,6 +63,25 @@ class Detector(ABC):
         return out
 
 
+SELECT_RULES = ("center", "largest", "score")
+
+
+def select_one(faces: list[Detection], width: int, height: int, rule: str) -> list[Detection]:
+    """The one face an image of one subject is about: ``center`` (box centre nearest the image centre),
+    ``largest`` (box area) or ``score`` (detector confidence); [] when there is none."""
+    if not faces:
+        return []
+    if rule == "center":
+        cx, cy = width / 2, height / 2
+        key = lambda f: (f.bbox[0] + f.bbox[2] - 2 * cx) ** 2 + (f.bbox[1] + f.bbox[3] - 2 * cy) ** 2  # noqa: E731
+        return [min(faces, key=key)]
+    if rule == "largest":
+        return [max(faces, key=lambda f: f.area)]
+    if rule == "score":
+        return [max(faces, key=lambda f: f.score)]
+    raise ValueError(f"select must be one of {SELECT_RULES}, not {rule!r}")
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
     """Greedy non-maximum suppression; returns kept indices in descending score order."""
     x1, y1, x2, y2 = boxes.T

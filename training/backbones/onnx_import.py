@@ -1,0 +1,165 @@
+"""Import an ONNX recognition model into torch as a trainable backbone.
+
+A small interpreter for the operators of insightface's w600k_mbf export (Conv with folded BatchNorm,
+PRelu, Add, Flatten, Gemm, BatchNormalization): each becomes a torch module holding the ONNX weights,
+run in the graph's (topological) node order. Written here because onnx2torch needs torchvision, which
+does not install beside the CPU torch build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from crfiqa.training.backbones.base import QualityNet
+
+SUPPORTED = ("Conv", "PRelu", "Add", "Flatten", "Gemm", "BatchNormalization")
+
+
+class _AnyRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over dim 1 for inputs of any rank (ONNX BatchNormalization)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 - torch's signature
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
+
+
+class _Add(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class _Flatten(nn.Module):
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(x, self.axis)
+
+
+class _PReLU(nn.Module):
+    """PReLU with ONNX's broadcastable slope (e.g. [C,1,1])."""
+
+    def __init__(self, slope: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x >= 0, x, x * self.weight)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _module(node: onnx.NodeProto, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The torch module for one ONNX node, holding its weights."""
+    a = _attrs(node)
+    op = node.op_type
+    if op == "Conv":
+        w = weights[node.input[1]]
+        pads = a.get("pads", [0, 0, 0, 0])
+        if pads[:2] != pads[2:]:
+            raise ValueError(f"asymmetric padding {pads} in {node.name}")
+        conv = nn.Conv2d(w.shape[1] * a.get("group", 1), w.shape[0], tuple(w.shape[2:]), stride=tuple(a.get("strides", [1, 1])),
+                         padding=tuple(pads[:2]), dilation=tuple(a.get("dilations", [1, 1])), groups=a.get("group", 1),
+                         bias=len(node.input) > 2)
+        conv.weight.data.copy_(w)
+        if len(node.input) > 2:
+            conv.bias.data.copy_(weights[node.input[2]])
+        return conv
+    if op == "PRelu":
+        return _PReLU(weights[node.input[1]].clone())
+    if op == "Add":
+        return _Add()
+    if op == "Flatten":
+        return _Flatten(a.get("axis", 1))
+    if op == "Gemm":
+        w, b = weights[node.input[1]], weights[node.input[2]] if len(node.input) > 2 else None
+        if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+            raise ValueError(f"unsupported Gemm attributes {a} in {node.name}")
+        if not a.get("transB", 0):
+            w = w.t()
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        linear.weight.data.copy_(w)
+        if b is not None:
+            linear.bias.data.copy_(b)
+        return linear
+    if op == "BatchNormalization":
+        scale, bias, mean, var = (weights[n] for n in node.input[1:5])
+        bn = _AnyRankBatchNorm(scale.numel(), eps=a.get("epsilon", 1e-5), momentum=1 - a.get("momentum", 0.9))
+        bn.weight.data.copy_(scale)
+        bn.bias.data.copy_(bias)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        return bn
+    raise ValueError(f"operator {op} is not supported by the importer (supported: {', '.join(SUPPORTED)})")
+
+
+class OnnxGraph(nn.Module):
+    """An ONNX graph of supported operators as a torch module (trainable, exportable)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        model = onnx.load(str(path))
+        graph = model.graph
+        weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()).float() for t in graph.initializer}
+        self.input_name = next(i.name for i in graph.input if i.name not in weights)
+        self.output_name = graph.output[0].name
+        self.steps: list[tuple[str, list[str], str]] = []
+        self.nodes = nn.ModuleList()
+        for node in graph.node:
+            self.nodes.append(_module(node, weights))
+            data_inputs = [i for i in node.input if i not in weights]
+            self.steps.append((node.op_type, data_inputs, node.output[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run every node in order and return the graph output."""
+        env = {self.input_name: x}
+        for module, (_, inputs, output) in zip(self.nodes, self.steps):
+            env[output] = module(*(env[i] for i in inputs))
+        return env[self.output_name]
+
+
+class OnnxBackbone(QualityNet):
+    """An imported ONNX recognition model (its output = the embedding) plus the ``qs`` head."""
+
+    def __init__(self, path: str | Path, embedding_size: int | None = None) -> None:
+        graph = OnnxGraph(path).eval()  # eval: the shape probe must not touch BatchNorm statistics
+        with torch.no_grad():
+            dim = graph(torch.zeros(1, 3, 112, 112)).shape[1]
+        if embedding_size is not None and embedding_size != dim:
+            raise ValueError(f"{path} gives {dim}-d embeddings, not {embedding_size}")
+        super().__init__(dim)
+        self.graph = graph
+        self.source = str(path)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The imported network's output."""
+        return self.graph(x)
+
+    def freeze_prefix(self, fraction: float) -> None:
+        """Freeze the first ``fraction`` of the graph's nodes (the early blocks): fewer gradients to compute."""
+        self.frozen = int(len(self.graph.nodes) * fraction)
+        for module in list(self.graph.nodes)[: self.frozen]:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> OnnxBackbone:
+        """Train mode everywhere but the frozen prefix, whose BatchNorm statistics stay fixed."""
+        super().train(mode)
+        for module in list(self.graph.nodes)[: getattr(self, "frozen", 0)]:
+            module.eval()
+        return self
+
+
+def check_supported(path: str | Path) -> list[str]:
+    """Operators of ``path`` the importer does not support (empty = importable)."""
+    return sorted({n.op_type for n in onnx.load(str(path)).graph.node} - set(SUPPORTED))
+
+
+__all__ = ["OnnxBackbone", "OnnxGraph", "check_supported"]

@@ -1,0 +1,77 @@
+"""Typed training configuration: a YAML file (unknown keys are errors) overridden by CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(str(resources.files("crfiqa.training"))) / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """Every hyper-parameter of a CR-FIQA run (defaults: the paper's CR-FIQA(S) settings)."""
+
+    data: str = ""
+    out: str = "runs/crfiqa"
+    backbone: str = "iresnet50"
+    init_backbone: str | None = None  # arcface_torch state dict (.pth/.pt) or .onnx recognition model
+    embedding_size: int = 512
+    mode: str = "simultaneous"  # or "on_top": frozen backbone, only the head and qs train
+    freeze_fraction: float = 0.0  # imported ONNX backbones: freeze this share of the early nodes
+    batch_size: int = 128  # per process; the global batch is batch_size x world size
+    lr: float = 0.1
+    backbone_lr_mult: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [20000, 28000])
+    lr_gamma: float = 0.1
+    warmup_steps: int = 0
+    max_steps: int = 32000
+    scale: float = 64.0
+    margin: float = 0.5
+    cr_target: str = "paper"
+    quality_weight: float = 10.0
+    smooth_l1_beta: float = 0.5
+    grad_clip: float = 5.0
+    max_per_identity: int = 0
+    augment: list[str] = field(default_factory=lambda: ["flip"])
+    seed: int = 0
+    workers: int = 2
+    log_every: int = 10
+    checkpoint_every: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("simultaneous", "on_top"):
+            raise ValueError(f"mode must be simultaneous or on_top, not {self.mode!r}")
+        if self.cr_target not in ("paper", "official", "ccs"):
+            raise ValueError(f"cr_target must be paper, official or ccs, not {self.cr_target!r}")
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ValueError("batch_size and max_steps must be positive")
+
+    def to_dict(self) -> dict:
+        """Plain-type dict (saved beside every checkpoint)."""
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    """Read ``path`` (a file, or a shipped config name such as ``casia_r50``) and apply non-None overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            p = CONFIG_DIR / f"{path}.yaml"
+        if not p.is_file():
+            shipped = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+            raise FileNotFoundError(f"no config {path!r} (a YAML file, or one of: {shipped})")
+        values = yaml.safe_load(p.read_text()) or {}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)

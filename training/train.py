@@ -1,0 +1,323 @@
+"""The CR-FIQA training loop, readable top to bottom: build, loop, log, checkpoint.
+
+Runs as one CPU process or under ``torchrun`` (DDP: NCCL on GPU, gloo on CPU). Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+
+from crfiqa.training.backbones import QualityNet, create_backbone
+from crfiqa.training.config import TrainConfig
+from crfiqa.training.data import open_dataset
+from crfiqa.training.data.augment import build_augmentations
+from crfiqa.training.losses import ArcFaceHead, CRFIQALoss
+
+log = logging.getLogger("crfiqa.train")
+LOG_COLUMNS = ["step", "epoch", "loss", "ce_loss", "quality_loss", "lr", "samples_per_s", "ccs", "nnccs", "cr", "qs"]
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        """True on the process that logs and writes."""
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU); else one local process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return Dist(rank, world, torch.device("cuda", local))
+    return Dist(rank, world, torch.device("cpu"))
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded permutation per epoch, split across ranks (padded to divide evenly), resumable mid-epoch."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.per_rank = math.ceil(n / world)
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Use ``epoch``'s order, starting after ``skip`` samples of this rank's share."""
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += order[: self.per_rank * self.world - self.n]
+        return iter(order[self.rank::self.world][self.skip:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+
+def load_init_backbone(model: QualityNet, path: str) -> None:
+    """Load an arcface_torch-layout iResNet state dict (shapes checked; ``qs`` stays fresh)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("qs.")}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("qs.")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}, wrong shape {wrong[:10]}")
+    model.load_state_dict(state, strict=False)
+
+
+def build_model(cfg: TrainConfig) -> QualityNet:
+    """The backbone with its quality head, initialised as the config says."""
+    if cfg.init_backbone and cfg.init_backbone.endswith(".onnx"):
+        model = create_backbone(f"onnx:{cfg.init_backbone}")
+        if cfg.freeze_fraction > 0:
+            model.freeze_prefix(cfg.freeze_fraction)
+        return model
+    model = create_backbone(cfg.backbone, embedding_size=cfg.embedding_size)
+    if cfg.init_backbone:
+        load_init_backbone(model, cfg.init_backbone)
+    return model
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then / (1 / lr_gamma) at each milestone."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return warm * cfg.lr_gamma ** sum(step >= m for m in cfg.milestones)
+
+
+def build_optimizer(cfg: TrainConfig, model: QualityNet, head: ArcFaceHead) -> torch.optim.Optimizer:
+    """SGD with separate groups for the backbone, the quality unit and the class centres."""
+    groups = [{"params": list(model.qs.parameters()), "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.lr}]
+    if cfg.mode == "simultaneous":
+        feats = [p for p in model.feature_parameters() if p.requires_grad]
+        groups.insert(0, {"params": feats, "lr": cfg.lr * cfg.backbone_lr_mult})
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """sha256 over every parameter and buffer: equal digests = identical weights (DDP ranks)."""
+    h = hashlib.sha256()
+    for m in modules:
+        for name, t in sorted(m.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, step: int, model: QualityNet, head: ArcFaceHead,
+                    optimizer: torch.optim.Optimizer) -> None:
+    """Everything needed to continue exactly (atomic write)."""
+    state = {"step": step, "config": cfg.to_dict(), "backbone": model.state_dict(), "head": head.state_dict(),
+             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "python_rng": list(random.getstate()[1]), "scheduler": {"step": step}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file, or the ``latest.pt`` of a run directory (tensors and plain types only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "latest.pt"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    """Run (or continue) a training job; returns the last step's numbers and the weights digest."""
+    d = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    dataset = open_dataset(cfg.data, augment=build_augmentations(cfg.augment),
+                           max_per_identity=cfg.max_per_identity, seed=cfg.seed)
+    model = build_model(cfg).to(d.device)
+    head = ArcFaceHead(model.embedding_size, dataset.num_classes, cfg.scale, cfg.margin).to(d.device)
+    criterion = CRFIQALoss(head, cfg.cr_target, cfg.quality_weight, cfg.smooth_l1_beta)
+    optimizer = build_optimizer(cfg, model, head)
+    step = 0
+    if resume:
+        ckpt = load_checkpoint(resume)
+        model.load_state_dict(ckpt["backbone"])
+        head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        random.setstate((3, tuple(ckpt["python_rng"]), None))
+        step = int(ckpt["step"])
+    if cfg.mode == "on_top":
+        for p in model.feature_parameters():
+            p.requires_grad_(False)
+    net: nn.Module = model
+    train_head: nn.Module = head
+    if d.world > 1:
+        net = DistributedDataParallel(model, find_unused_parameters=cfg.mode == "on_top")
+        train_head = DistributedDataParallel(head)
+    criterion.head = train_head
+
+    sampler = EpochSampler(len(dataset), cfg.seed, d.rank, d.world)
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {cfg.batch_size} x {d.world} is larger than the dataset ({len(dataset)})")
+    out = Path(cfg.out)
+    writer = _Logger(out, cfg, resume is not None) if d.main else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    last: dict = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", file=sys.stderr, disable=not d.main or None)
+    while step < cfg.max_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, offset * cfg.batch_size)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed),
+                            persistent_workers=False)
+        t0 = time.perf_counter()
+        for images, labels in loader:
+            images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * lr_factor(cfg, step)
+            net.train()
+            if cfg.mode == "on_top":
+                model.eval()  # frozen backbone: BatchNorm statistics stay as pretrained
+            with amp:
+                if cfg.mode == "on_top":
+                    with torch.no_grad():
+                        emb = model.forward_features(images)
+                    quality = model.forward_head(emb)
+                else:
+                    emb, quality = net(images)
+                result = criterion(emb, quality, labels)
+            optimizer.zero_grad(set_to_none=True)
+            result.total.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            elapsed = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            last = {"step": step, "epoch": epoch, "loss": result.total.item(), "ce_loss": result.ce_loss.item(),
+                    "quality_loss": result.quality_loss.item(), "lr": optimizer.param_groups[-1]["lr"],
+                    "samples_per_s": cfg.batch_size * d.world / max(elapsed, 1e-9), **result.report}
+            if writer is not None:
+                writer.row(last, step % cfg.log_every == 0 or step == cfg.max_steps)
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    save_checkpoint(out / f"checkpoint_{step:06d}.pt", cfg, step, model, head, optimizer)
+                    os.replace(_link(out, step), out / "latest.pt")
+            if not math.isfinite(last["loss"]):
+                log.warning("loss is %s at step %d (the %s CR target can diverge with few classes)",
+                            last["loss"], step, cfg.cr_target)
+            if step >= cfg.max_steps:
+                break
+    bar.close()
+    digest = weights_digest(model, head)
+    print(f"rank {d.rank} weights_sha256 {digest}", flush=True)
+    if writer is not None:
+        writer.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return {**last, "weights_sha256": digest}
+
+
+def _link(out: Path, step: int) -> Path:
+    """A fresh copy of checkpoint ``step`` to be renamed onto ``latest.pt`` (atomic replace)."""
+    src = out / f"checkpoint_{step:06d}.pt"
+    tmp = out / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    os.link(src, tmp)
+    return tmp
+
+
+class _Logger:
+    """stdout lines, ``log.csv`` (every step) and TensorBoard when installed; rank 0 only."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, append: bool) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        path = out / "log.csv"
+        fresh = not (append and path.exists())
+        self.fh = open(path, "w" if fresh else "a", newline="")  # noqa: SIM115
+        self.csv = csv.DictWriter(self.fh, LOG_COLUMNS, extrasaction="ignore")
+        if fresh:
+            self.csv.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def row(self, values: dict, show: bool) -> None:
+        """Record one step; print it when ``show``."""
+        self.csv.writerow(values)
+        self.fh.flush()
+        if self.tb is not None:
+            for k in LOG_COLUMNS[2:]:
+                self.tb.add_scalar(k, values[k], values["step"])
+        if show:
+            print(" ".join(f"{k}={values[k]:.4g}" if isinstance(values[k], float) else f"{k}={values[k]}"
+                           for k in LOG_COLUMNS), flush=True)
+
+    def close(self) -> None:
+        """Flush and close."""
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``crfiqa train``: config file + flag overrides."""
+    from crfiqa.training.cli import train_parser
+
+    args = train_parser().parse_args(argv)
+    return run(args)
+
+
+def run(args) -> dict:
+    """Train from parsed ``crfiqa train`` arguments."""
+    from crfiqa.training.config import load_config
+
+    cfg = load_config(args.config, data=args.data, backbone=args.backbone, batch_size=args.batch_size, lr=args.lr,
+                      max_steps=args.max_steps, out=args.out, init_backbone=args.init_backbone,
+                      cr_target=args.cr_target, seed=args.seed, mode=args.mode, workers=args.workers)
+    if not cfg.data:
+        raise SystemExit("crfiqa train: --data (or `data:` in the config) is required")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -242,6 +242,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             if step >= cfg.max_steps:
                 break
     bar.close()
+    if dist.is_initialized():
+        # DDP keeps parameters equal; BatchNorm statistics are broadcast from rank 0 only at the next
+        # forward, so do it once more: every rank then ends with rank 0's (the saved) state.
+        for buffer in [*model.buffers(), *head.buffers()]:
+            dist.broadcast(buffer, src=0)
     digest = weights_digest(model, head)
     print(f"rank {d.rank} weights_sha256 {digest}", flush=True)
     if writer is not None:

@@ -223,25 +223,33 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=serve_main)
 
 
-def _training_parser(add: str, run: str) -> Callable[[argparse.ArgumentParser], None]:
-    """Register a training command: its flags come from a torch-free module, its code loads on use."""
+def _lazy(module: str, add: str, run: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Register a command whose flags come from a light module and whose code loads only when it runs."""
 
     def register(p: argparse.ArgumentParser) -> None:
-        from crfiqa.training import cli as training_cli
+        import importlib
 
-        getattr(training_cli, add)(p)
-        p.set_defaults(func=lambda args: getattr(training_cli, run)(args))
+        mod = importlib.import_module(module)
+        getattr(mod, add)(p)
+        p.set_defaults(func=lambda args: getattr(mod, run)(args))
 
     return register
 
 
 _EXTRA_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = [
     ("serve", "run the HTTP service", _serve_parser),
-    ("prepare", "align raw identity folders into a training set", _training_parser("add_prepare_arguments", "run_prepare")),
-    ("train", "train a CR-FIQA model (runs under torchrun too)", _training_parser("add_train_arguments", "run_train")),
-    ("export", "export a checkpoint to a quality ONNX model", _training_parser("add_export_arguments", "run_export")),
+    ("prepare", "align raw identity folders into a training set",
+     _lazy("crfiqa.training.cli", "add_prepare_arguments", "run_prepare")),
+    ("train", "train a CR-FIQA model (runs under torchrun too)",
+     _lazy("crfiqa.training.cli", "add_train_arguments", "run_train")),
+    ("export", "export a checkpoint to a quality ONNX model",
+     _lazy("crfiqa.training.cli", "add_export_arguments", "run_export")),
     ("convert-official", "convert a released CR-FIQA checkpoint to ONNX",
-     _training_parser("add_convert_arguments", "run_convert")),
+     _lazy("crfiqa.training.cli", "add_convert_arguments", "run_convert")),
+    ("evaluate", "Error-versus-Reject evaluation of quality scores",
+     _lazy("crfiqa.evaluation.cli", "add_evaluate_arguments", "run_evaluate")),
+    ("degrade", "write a reproducible cross-quality copy of a dataset",
+     _lazy("crfiqa.evaluation.cli", "add_degrade_arguments", "run_degrade")),
 ]
 
 

@@ -21,6 +21,7 @@ class TrainConfig:
     backbone: str = "iresnet50"
     init_backbone: str | None = None  # arcface_torch state dict (.pth/.pt) or .onnx recognition model
     embedding_size: int = 512
+    head_init: str = "random"  # or "class_means": centres start at each class's mean normalised embedding
     mode: str = "simultaneous"  # or "on_top": frozen backbone, only the head and qs train
     freeze_fraction: float = 0.0  # imported ONNX backbones: freeze this share of the early nodes
     batch_size: int = 128  # per process; the global batch is batch_size x world size
@@ -48,6 +49,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("simultaneous", "on_top"):
             raise ValueError(f"mode must be simultaneous or on_top, not {self.mode!r}")
+        if self.head_init not in ("random", "class_means"):
+            raise ValueError(f"head_init must be random or class_means, not {self.head_init!r}")
         if self.cr_target not in ("paper", "official", "ccs"):
             raise ValueError(f"cr_target must be paper, official or ccs, not {self.cr_target!r}")
         if self.batch_size < 1 or self.max_steps < 1:

@@ -126,6 +126,22 @@ def build_optimizer(cfg: TrainConfig, model: QualityNet, head: ArcFaceHead) -> t
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+@torch.no_grad()
+def class_mean_centres(model: QualityNet, dataset, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Each class's mean normalised embedding (no augmentation, eval mode): with a pretrained backbone,
+    the certainty ratio is meaningful from the first step instead of after the centres converge."""
+    augment, dataset.augment = dataset.augment, []
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(dataset.num_classes, model.embedding_size)
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        emb = torch.nn.functional.normalize(model.forward_features(images.to(device)).float()).cpu()
+        sums.index_add_(0, labels, emb)
+    dataset.augment = augment
+    model.train(was_training)
+    return torch.nn.functional.normalize(sums)
+
+
 def weights_digest(*modules: nn.Module) -> str:
     """sha256 over every parameter and buffer: equal digests = identical weights (DDP ranks)."""
     h = hashlib.sha256()
@@ -167,6 +183,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     criterion = CRFIQALoss(head, cfg.cr_target, cfg.quality_weight, cfg.smooth_l1_beta)
     optimizer = build_optimizer(cfg, model, head)
     step = 0
+    if cfg.head_init == "class_means" and not resume:
+        head.weight.data.copy_(class_mean_centres(model, dataset, d.device))
     if resume:
         ckpt = load_checkpoint(resume)
         model.load_state_dict(ckpt["backbone"])

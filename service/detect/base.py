@@ -66,20 +66,23 @@ class Detector(ABC):
 SELECT_RULES = ("center", "largest", "score")
 
 
-def select_one(faces: list[Detection], width: int, height: int, rule: str) -> list[Detection]:
-    """The one face an image of one subject is about: ``center`` (box centre nearest the image centre),
-    ``largest`` (box area) or ``score`` (detector confidence); [] when there is none."""
+def select_index(faces: list[Detection], width: int, height: int, rule: str) -> int | None:
+    """Index of the one face an image of one subject is about: ``center`` (box centre nearest the image
+    centre), ``largest`` (box area) or ``score`` (detector confidence); None when there is none."""
+    if rule not in SELECT_RULES:
+        raise ValueError(f"select must be one of {SELECT_RULES}, not {rule!r}")
     if not faces:
-        return []
+        return None
     if rule == "center":
-        cx, cy = width / 2, height / 2
-        key = lambda f: (f.bbox[0] + f.bbox[2] - 2 * cx) ** 2 + (f.bbox[1] + f.bbox[3] - 2 * cy) ** 2  # noqa: E731
-        return [min(faces, key=key)]
-    if rule == "largest":
-        return [max(faces, key=lambda f: f.area)]
-    if rule == "score":
-        return [max(faces, key=lambda f: f.score)]
-    raise ValueError(f"select must be one of {SELECT_RULES}, not {rule!r}")
+        keys = [(f.bbox[0] + f.bbox[2] - width) ** 2 + (f.bbox[1] + f.bbox[3] - height) ** 2 for f in faces]
+        return int(np.argmin(keys))
+    return int(np.argmax([f.area if rule == "largest" else f.score for f in faces]))
+
+
+def select_one(faces: list[Detection], width: int, height: int, rule: str) -> list[Detection]:
+    """The selected face as a one-element list ([] when there is none)."""
+    k = select_index(faces, width, height, rule)
+    return [] if k is None else [faces[k]]
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:

@@ -1,0 +1,265 @@
+"""Evaluation: metrics on hand-computed cases, bootstrap behaviour, protocols, degrade, an end-to-end run."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crfiqa.evaluation.degrade import degrade_dataset, recorded_steps
+from crfiqa.evaluation.degradations import apply_chain
+from crfiqa.evaluation.evaluate import Pairs, Settings, evaluate, pair_scores
+from crfiqa.evaluation.metrics import (
+    edc_iso,
+    erc_paper,
+    fnmr,
+    halving_discard,
+    pauc,
+    threshold_at_fmr,
+    threshold_at_fnmr,
+    trapezoid,
+    value_at,
+    verification_accuracy,
+)
+from crfiqa.evaluation.protocols import all_vs_all, lfw_pairs, load_bin
+from crfiqa.service.imaging import read_image
+from tests.helpers import LFW, SHARED, SHARED_MODELS
+
+FIXTURES = SHARED / "data" / "fixtures"
+
+
+# ---------------------------------------------------------------- thresholds and FNMR
+
+def test_threshold_at_fmr_by_hand() -> None:
+    imp = np.array([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])  # sorted desc: .9 .8 ... 0
+    assert threshold_at_fmr(imp, 0.1) == 0.8  # k = 1 -> s(2); exactly 1 of 10 impostors (0.9) is > t
+    assert threshold_at_fmr(imp, 0.25) == 0.7  # k = floor(2.5) = 2 -> s(3)
+    assert threshold_at_fmr(imp, 0.01) == 0.9  # k = 0 -> the top score: no impostor matches
+    assert threshold_at_fmr(imp, 1.0) == 0.0  # k >= n -> s(n)
+    assert np.mean(imp > threshold_at_fmr(imp, 0.3)) == pytest.approx(0.3)
+
+
+def test_fnmr_counts_ties_as_non_matches() -> None:
+    assert fnmr(np.array([0.5, 0.6, 0.7, 0.8]), 0.6) == 0.5
+    assert threshold_at_fnmr(np.array([0.4, 0.1, 0.3, 0.2]), 0.5) == 0.2
+    assert fnmr(np.array([0.4, 0.1, 0.3, 0.2]), threshold_at_fnmr(np.array([0.4, 0.1, 0.3, 0.2]), 0.0)) == 0.0
+
+
+# ---------------------------------------------------------------- paper protocol
+
+def _toy():
+    # 4 genuine (two errors below t) and 6 impostors; quality ranks the errors lowest.
+    scores = np.array([0.2, 0.9, 0.1, 0.8, 0.3, 0.4, 0.35, 0.5, 0.45, 0.05])
+    genuine = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)
+    quality = np.array([0.1, 0.9, 0.2, 0.8, 0.5, 0.6, 0.7, 0.3, 0.4, 0.95])
+    return scores, genuine, quality
+
+
+def test_paper_erc_fixed_by_hand() -> None:
+    s, g, q = _toy()
+    ratios = np.array([0.0, 0.1, 0.2, 0.3])
+    curve = erc_paper(s, g, q, fmr=1 / 6, threshold_mode="fixed", ratios=ratios)
+    t = threshold_at_fmr(s[~g], 1 / 6)  # impostors desc .5 .45 .4 .35 .3 .05, k = 1 -> 0.45
+    assert t == 0.45
+    # quality order: 0(.1,err) 2(.2,err) 7(.3) 8(.4) 4(.5) ...; reject 0, 1, 2, 3 pairs
+    assert list(curve.y) == pytest.approx([2 / 4, 1 / 3, 0.0, 0.0])
+    assert curve.auc == pytest.approx(trapezoid(curve.y, ratios))
+
+
+def test_paper_erc_per_step_recomputes_threshold() -> None:
+    s, g, q = _toy()
+    ratios = np.array([0.0, 0.3, 0.4])
+    curve = erc_paper(s, g, q, fmr=1 / 6, threshold_mode="per-step", ratios=ratios)
+    # at r=0.4 pairs 0,2,7,8 are gone: kept impostors .3 .4 .35 .05 -> k = floor(4/6) = 0 -> t = .4
+    assert curve.threshold is None and curve.y[2] == 0.0
+
+
+def test_paper_erc_ties_keep_input_order() -> None:
+    s = np.array([0.1, 0.9, 0.2, 0.3])
+    g = np.array([1, 1, 0, 0], bool)
+    q = np.array([0.5, 0.5, 0.9, 0.9])  # a tie: the first pair in input order goes first
+    c = erc_paper(s, g, q, 0.5, "fixed", np.array([0.0, 0.25]))
+    assert list(c.y) == [0.5, 0.0]
+
+
+# ---------------------------------------------------------------- ISO EDC
+
+def test_edc_discards_equal_qualities_together() -> None:
+    s = np.array([0.1, 0.2, 0.9, 0.8, 0.7])
+    q = np.array([0.3, 0.3, 0.5, 0.6, 0.6])  # two errors (t = 0.5) share the lowest quality
+    curve = edc_iso(s, q, threshold=0.5)
+    assert list(curve.x) == pytest.approx([0.0, 0.4, 0.6, 1.0])
+    assert list(curve.y) == pytest.approx([0.4, 0.0, 0.0, 0.0])
+    assert pauc(curve, 0.2) == pytest.approx(0.4 * 0.2)
+    assert pauc(curve, 0.5) == pytest.approx(0.4 * 0.4)
+    assert value_at(curve, 0.05) == 0.4 and value_at(curve, 0.45) == 0.0
+    assert halving_discard(curve) == pytest.approx(0.4)
+
+
+def test_verification_accuracy_by_hand() -> None:
+    acc, t = verification_accuracy(np.array([0.9, 0.8, 0.3, 0.2, 0.85]), np.array([1, 1, 0, 0, 0], bool))
+    assert acc == pytest.approx(0.8) and t == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------- bootstrap
+
+def _synthetic(n_ids: int, seed: int = 0) -> Pairs:
+    rng = np.random.default_rng(seed)
+    per = 4
+    gen_q = rng.random(n_ids * per)
+    gen_s = 0.3 + 0.5 * gen_q + rng.normal(0, 0.15, gen_q.size)  # low quality -> low score
+    imp_s = rng.normal(0.0, 0.1, n_ids * 20)
+    scores = np.r_[gen_s, imp_s]
+    genuine = np.r_[np.ones(gen_s.size, bool), np.zeros(imp_s.size, bool)]
+    cluster = np.r_[np.repeat(np.arange(n_ids), per), rng.integers(0, n_ids, imp_s.size)]
+    q = np.r_[gen_q, rng.random(imp_s.size)]
+    return Pairs(scores, genuine, cluster, {"good": q, "random": rng.random(q.size), "same": q.copy()})
+
+
+def test_bootstrap_interval_shrinks_with_data() -> None:
+    settings = Settings(fmrs=(0.01,), protocols=("iso",), pauc_limits=(0.2,), bootstrap=200)
+    widths = []
+    for n in (25, 400):
+        e = evaluate(_synthetic(n), settings)["results"]["0.01"]["iso"]["methods"]["good"]["pauc"]["0.2"]
+        widths.append(e["ci95"][1] - e["ci95"][0])
+    assert widths[1] < widths[0] / 2
+
+
+def test_method_against_itself_is_exactly_zero_and_good_beats_random() -> None:
+    settings = Settings(fmrs=(0.01,), protocols=("iso", "paper"), threshold_mode="fixed", pauc_limits=(0.2,),
+                        bootstrap=200)
+    res = evaluate(_synthetic(300), settings)["results"]["0.01"]
+    same = res["iso"]["differences"]["0.2"]["good - same"]
+    assert same["ci95"] == [0.0, 0.0] and same["diff"] == 0.0
+    assert res["iso"]["differences"]["0.2"]["good - random"]["a_better"]
+    assert res["paper"]["differences"]["good - random"]["a_better"]
+    assert res["paper"]["differences"]["good - same"]["ci95"] == [0.0, 0.0]
+
+
+def test_failures_score_minus_infinity() -> None:
+    emb = np.array([[1.0, 0.0], [np.nan, np.nan], [0.6, 0.8]])
+    s = pair_scores(emb, np.array([0, 0]), np.array([1, 2]))
+    assert s[0] == -np.inf and s[1] == pytest.approx(0.6)
+
+
+def test_few_impostors_warns() -> None:
+    p = _synthetic(10)
+    res = evaluate(p, Settings(fmrs=(1e-3,), protocols=("iso",), bootstrap=0))["results"]["0.001"]
+    assert "not statistically meaningful" in res["warning"]
+
+
+# ---------------------------------------------------------------- protocols
+
+def test_lfw_pairs_parsing() -> None:
+    p = lfw_pairs(LFW / "dev_pairs.txt", LFW / "images")
+    assert p.left.size == 1000 and p.genuine.sum() == 500 and not p.genuine[500:].any()
+    first = (LFW / "dev_pairs.txt").read_text().splitlines()[1].split()
+    assert p.names[p.left[0]] == f"{first[0]}/{first[0]}_{int(first[1]):04d}.jpg"
+    assert all(Path(s).is_file() for s in p.sources)
+
+
+def test_lfw_pairs_rejects_bad_header(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("hello world\nA 1 2\n")
+    with pytest.raises(ValueError, match="folds"):
+        lfw_pairs(tmp_path / "p.txt", tmp_path)
+
+
+def test_all_vs_all_counts(tmp_path: Path) -> None:
+    for ident, n in [("a", 3), ("b", 2), ("c", 1)]:
+        (tmp_path / ident).mkdir()
+        for k in range(n):
+            (tmp_path / ident / f"{k}.jpg").write_bytes(b"x")
+    p = all_vs_all(tmp_path)
+    assert p.genuine.sum() == 3 + 1 and (~p.genuine).sum() == 15 - 4
+    assert all_vs_all(tmp_path, max_impostors=5, seed=1).left.size == 4 + 5
+
+
+def test_verification_bin_fixture() -> None:
+    expected = json.loads((FIXTURES / "verification_expected.json").read_text())
+    p = load_bin(FIXTURES / "verification.bin")
+    assert list(p.genuine) == expected["issame"]
+    assert [hashlib.sha256(b).hexdigest() for b in p.sources] == expected["jpeg_sha256"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_malicious_pickle_rejected(tmp_path: Path) -> None:
+    (tmp_path / "evil.bin").write_bytes(pickle.dumps(([b"x", b"y"], [_Evil()]), protocol=2))
+    with pytest.raises(ValueError, match="refused"):
+        load_bin(tmp_path / "evil.bin")
+    (tmp_path / "shape.bin").write_bytes(pickle.dumps(([b"x"], [True]), protocol=3))  # BINBYTES: no globals
+    with pytest.raises(ValueError, match="issame"):
+        load_bin(tmp_path / "shape.bin")
+
+
+# ---------------------------------------------------------------- degrade
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("set")
+    multi = [p for p in sorted((LFW / "images").iterdir()) if p.is_dir() and len(list(p.iterdir())) >= 2]
+    for ident in multi[:6]:
+        (root / ident.name).mkdir()
+        for img in sorted(ident.iterdir())[:2]:
+            (root / ident.name / img.name).write_bytes(img.read_bytes())
+    (root / "notes.txt").write_text("kept as is\n")
+    return root
+
+
+def test_degrade_is_reproducible_and_recorded(small_set: Path, tmp_path: Path, pipeline) -> None:
+    a = degrade_dataset(small_set, tmp_path / "a", seed=7, fraction=0.5, pipeline=pipeline)
+    degrade_dataset(small_set, tmp_path / "b", seed=7, fraction=0.5, pipeline=pipeline)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    rows = list(csv.DictReader((tmp_path / "a" / "degradations.csv").open()))
+    assert a["degraded"] == sum(int(r["degraded"]) for r in rows) == round(0.5 * a["images"])
+    assert (tmp_path / "a" / "notes.txt").read_text() == "kept as is\n"
+    for row in rows:
+        out = (tmp_path / "a" / row["path"]).read_bytes()
+        if row["degraded"] == "0":
+            assert out == (small_set / row["path"]).read_bytes()
+            continue
+        # Re-applying the recorded chain to the original gives the written image.
+        from crfiqa.evaluation.degrade import write_image
+
+        write_image(tmp_path / "again.jpg", apply_chain(read_image(small_set / row["path"]).rgb, recorded_steps(row)))
+        assert (tmp_path / "again.jpg").read_bytes() == out
+    c = degrade_dataset(small_set, tmp_path / "c", seed=8, fraction=0.5, pipeline=pipeline)
+    assert c["degraded"] == a["degraded"]
+    assert (tmp_path / "c" / "degradations.csv").read_text() != (tmp_path / "a" / "degradations.csv").read_text()
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_end_to_end_with_real_recognition_model(small_set: Path, tmp_path: Path) -> None:
+    score_csv = tmp_path / "scores.csv"
+    subprocess.run([sys.executable, "-m", "crfiqa.service.cli", "score", str(small_set), "--out", str(score_csv),
+                    "--models-dir", str(SHARED_MODELS), "--quiet"], check=True, timeout=300)
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "crfiqa.service.cli", "evaluate", "--all-vs-all", str(small_set),
+                        "--recognition", "w600k_mbf", "--quality", f"mbf_csv={score_csv}",
+                        "--quality", "mbf_model=model:mbf_norm", "--baseline", "random", "sharpness",
+                        "--fmr", "0.1", "--protocol", "both", "--threshold-mode", "fixed", "--bootstrap", "50",
+                        "--models-dir", str(SHARED_MODELS), "--cache", str(tmp_path / "cache"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["images"] == 12 and report["recognition"]["accuracy"] > 0.9
+    methods = report["results"]["0.1"]["iso"]["methods"]
+    assert set(methods) == {"mbf_csv", "mbf_model", "random", "sharpness"}
+    # The CSV written by `crfiqa score` and the model give the same ranking, hence the same curve.
+    assert methods["mbf_csv"]["curve"] == methods["mbf_model"]["curve"]
+    assert (out / "erc_fmr0.1.png").stat().st_size > 5000 and "| mbf_csv |" in (out / "summary.md").read_text()
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 12

@@ -27,6 +27,7 @@ class TrainConfig:
     batch_size: int = 128  # per process; the global batch is batch_size x world size
     lr: float = 0.1
     backbone_lr_mult: float = 1.0
+    quality_lr_mult: float = 1.0  # the qs unit's lr = lr x this (see configs/lfw_mbf.yaml for why one may lower it)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=lambda: [20000, 28000])
@@ -61,17 +62,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _read(path: str | Path) -> dict:
+    """A config file's values, resolving ``base: <config>`` (the base's values, then this file's)."""
+    p = Path(path)
+    if not p.is_file():
+        p = CONFIG_DIR / f"{path}.yaml"
+    if not p.is_file():
+        shipped = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"no config {path!r} (a YAML file, or one of: {shipped})")
+    values = yaml.safe_load(p.read_text()) or {}
+    base = values.pop("base", None)
+    return {**_read(base), **values} if base else values
+
+
 def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
     """Read ``path`` (a file, or a shipped config name such as ``casia_r50``) and apply non-None overrides."""
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            p = CONFIG_DIR / f"{path}.yaml"
-        if not p.is_file():
-            shipped = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
-            raise FileNotFoundError(f"no config {path!r} (a YAML file, or one of: {shipped})")
-        values = yaml.safe_load(p.read_text()) or {}
+    values = _read(path) if path is not None else {}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -106,8 +106,11 @@ def reference_crops(paths: list[str], limit: int = 2000) -> np.ndarray:
     from crfiqa.service.pipeline import Pipeline, PipelineSettings
 
     pipe = Pipeline(PipelineSettings(providers=("CPUExecutionProvider",)))
+    images = list_images(paths)[:limit]
+    # Aligned training crops (112x112) are used as they are; other images go through detection.
+    aligned = bool(images) and pipe.decode(images[0]).rgb.shape[:2] == (112, 112)
     crops = []
-    for result, c in pipe.run(list_images(paths)[:limit], score=False, select="center"):
+    for result, c in pipe.run(images, score=False, select="center", aligned=aligned):
         if len(c):
             crops.append(c[:1])
     return np.concatenate(crops) if crops else np.zeros((0, 112, 112, 3), np.uint8)

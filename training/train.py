@@ -117,7 +117,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 def build_optimizer(cfg: TrainConfig, model: QualityNet, head: ArcFaceHead) -> torch.optim.Optimizer:
     """SGD with separate groups for the backbone, the quality unit and the class centres."""
-    groups = [{"params": list(model.qs.parameters()), "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.lr}]
+    groups = [{"params": list(model.qs.parameters()), "lr": cfg.lr * cfg.quality_lr_mult},
+              {"params": list(head.parameters()), "lr": cfg.lr}]
     if cfg.mode == "simultaneous":
         feats = [p for p in model.feature_parameters() if p.requires_grad]
         groups.insert(0, {"params": feats, "lr": cfg.lr * cfg.backbone_lr_mult})

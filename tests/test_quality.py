@@ -67,3 +67,18 @@ def test_sharp_face_beats_blurred_copy(make_pipeline) -> None:
     degraded = cv2.resize(small, (112, 112), interpolation=cv2.INTER_LINEAR)
     q = pipe.score_crops(np.stack([rgb, degraded]))
     assert q[0].raw > q[1].raw and q[0].score > q[1].score
+
+
+def test_fixed_batch_recognition_model_runs_batches(make_pipeline) -> None:
+    """SFace's graph has batch 1: a batch of crops is fed in chunks and equals one-by-one."""
+    from crfiqa.service.facemodel import RecognitionModel
+    from crfiqa.service.registry import resolve
+
+    pipe = make_pipeline()
+    path, entry = resolve("sface_2021dec", "recognition", pipe.manifest, pipe.settings.models_dir)
+    model = RecognitionModel(path, entry, ("CPUExecutionProvider",))
+    assert model.fixed_batch == 1
+    crops = np.concatenate([c for _, c in pipe.run([SAMPLES / "t1.jpg"], score=False)])
+    batched = model.embed(crops)
+    single = np.concatenate([model.embed(c[None]) for c in crops])
+    assert batched.shape == (6, 128) and np.abs(batched - single).max() <= 1e-5

@@ -194,7 +194,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         service = Service(settings)
         app.state.service = service
-        await asyncio.get_running_loop().run_in_executor(None, service.load)  # fails fast on a bad model
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, service.load)  # fails fast on a bad model
+        except CrfiqaError as exc:
+            log.error("startup failed: %s: %s", exc.code, exc.message)
+            raise
         service.batcher.start()
         warm = asyncio.get_running_loop().create_task(_warm(service))
         log.info("models loaded", extra={"detector": service.pipeline.detector_name,

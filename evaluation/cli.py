@@ -34,6 +34,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default=None)
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "crfiqa" / "embeddings")
+    p.add_argument("--guidance", default=None, metavar="NAME",
+                   help="threshold guidance for the model: quality source NAME (0-100 score thresholds 10..90)")
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -87,12 +89,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         emb = sources.embed(faces, model, args.flip_concat, args.cache, setting)
     ok = faces.ok & np.isfinite(emb).all(axis=1)
     qualities: dict[str, np.ndarray] = {}
+    calibrations = {}
     for spec in args.quality:
         name, _, source = spec.partition("=")
         if not source:
             raise SystemExit(f"crfiqa evaluate: --quality needs NAME=SOURCE, got {spec!r}")
-        q = (sources.model_quality(source[len("model:"):], faces, pipe) if source.startswith("model:")
-             else sources.csv_quality(source, proto, faces, args.select))
+        if source.startswith("model:"):
+            q, calibrations[name] = sources.model_quality(source[len("model:"):], faces, pipe)
+        else:
+            q = sources.csv_quality(source, proto, faces, args.select)
         qualities[name] = np.where(ok, q, sources.FAILURE_QUALITY)
     for name in args.baseline:
         qualities[name] = np.where(ok, sources.baseline(name, faces, pipe, args.seed), sources.FAILURE_QUALITY)
@@ -111,6 +116,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
                         "pairs": int(proto.left.size), "genuine": int(proto.genuine.sum()),
                         "impostor": int((~proto.genuine).sum()),
                         "excluded_pairs": int(proto.left.size - pairs.scores.size)}
+    if args.guidance:
+        from crfiqa.service.facemodel import calibrate
+
+        if args.guidance not in calibrations:
+            raise SystemExit(f"crfiqa evaluate: --guidance needs a model: quality source, not {args.guidance!r}")
+        image_scores = np.where(ok, calibrate(qualities[args.guidance], calibrations[args.guidance]), -1.0)
+        keep = (ok[proto.left] & ok[proto.right]) if args.exclude_failures else np.ones(proto.left.size, bool)
+        report["guidance"] = {f"{f:g}": ev.threshold_guidance(pairs.scores, proto.left[keep], proto.right[keep],
+                                                             pairs.genuine, image_scores, f) for f in args.fmr}
+        report["guidance_method"] = args.guidance
     write_report(args.out, report)
     print((args.out / "summary.md").read_text())
     return 0

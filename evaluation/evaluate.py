@@ -197,3 +197,18 @@ def _recognition(pairs: Pairs, settings: Settings) -> dict:
     return {"accuracy": acc, "accuracy_threshold": thr, "tar_at_fmr": tar,
             "pairs": int(pairs.scores.size), "genuine": int(pairs.genuine.sum()),
             "impostor": int((~pairs.genuine).sum())}
+
+
+def threshold_guidance(scores: np.ndarray, left: np.ndarray, right: np.ndarray, genuine: np.ndarray,
+                       image_scores: np.ndarray, fmr: float, thresholds=range(10, 100, 10)) -> list[dict]:
+    """For each 0-100 score threshold T: the share of images scoring below T (rejected; failures count as
+    rejected) and the FNMR at ``fmr`` of the genuine comparisons whose two images are both kept, with the
+    comparison threshold fixed on all impostors."""
+    t = threshold_at_fmr(scores[~genuine], fmr)
+    rows = []
+    for level in thresholds:
+        kept_img = image_scores >= level
+        kept = genuine & kept_img[left] & kept_img[right]
+        rows.append({"score_threshold": level, "images_rejected": float(1 - kept_img.mean()),
+                     "genuine_kept": int(kept.sum()), "fnmr": fnmr(scores[kept], t)})
+    return rows

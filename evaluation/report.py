@@ -72,6 +72,14 @@ def summary_markdown(report: dict) -> str:
                 lines += ["", "Significantly better (paper AUC, paired bootstrap):", ""]
                 lines += _matrix(list(p["methods"]), p["differences"])
             lines.append("")
+    for key, rows in report.get("guidance", {}).items():
+        lines += [f"## Threshold guidance: `{report['guidance_method']}` 0-100 score, FMR {key}", "",
+                  "Images scoring below the threshold are rejected (failures to assess count as rejected); FNMR "
+                  "of the genuine comparisons whose two images are kept, at the threshold fixed on all impostors.",
+                  "", "| score threshold | images rejected | genuine pairs kept | FNMR |", "|---|---|---|---|"]
+        lines += [f"| {r['score_threshold']} | {r['images_rejected']:.1%} | {r['genuine_kept']} | {r['fnmr']:.4f} |"
+                  for r in rows]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

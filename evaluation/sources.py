@@ -18,7 +18,7 @@ from crfiqa.service.align import ALIGNMENT_VERSION
 from crfiqa.service.detect.base import select_index
 from crfiqa.service.facemodel import QualityModel, RecognitionModel
 from crfiqa.service.pipeline import Pipeline
-from crfiqa.service.registry import resolve
+from crfiqa.service.registry import Calibration, resolve
 from crfiqa.service.results import Detection
 
 BASELINES = ("random", "det_score", "eye_distance", "sharpness", "embedding_norm")
@@ -131,15 +131,16 @@ def baseline(name: str, faces: Faces, pipeline: Pipeline, seed: int = 0) -> np.n
     return np.where(faces.ok, q, FAILURE_QUALITY)
 
 
-def model_quality(spec: str, faces: Faces, pipeline: Pipeline) -> np.ndarray:
-    """Raw quality from a quality model (manifest name or .onnx path) on the selected faces."""
+def model_quality(spec: str, faces: Faces, pipeline: Pipeline) -> tuple[np.ndarray, Calibration]:
+    """Raw quality from a quality model (manifest name or .onnx path) on the selected faces, and the
+    model's 0-100 calibration."""
     path, entry = resolve(spec, "quality", pipeline.manifest, pipeline.settings.models_dir)
     model = QualityModel(path, entry, pipeline.settings.providers)
     q = np.full(len(faces.keys), FAILURE_QUALITY)
     idx = np.flatnonzero(faces.ok)
     for s in range(0, idx.size, 64):
         q[idx[s:s + 64]] = model.predict(faces.crops[idx[s:s + 64]])
-    return q
+    return q, entry.calibration
 
 
 def csv_quality(path: str | Path, protocol: Protocol, faces: Faces, select: str) -> np.ndarray:

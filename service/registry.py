@@ -203,8 +203,9 @@ def fetch(entry: ModelEntry, directory: Path | None = None, mirror: Path | None 
     directory = directory or models_dir()
     target = directory / entry.file
     expected = sha256 or entry.sha256
-    if target.is_file() and (expected is None or sha256_file(target) == expected):
-        return target
+    for present in (target, PACKAGED_DIR / entry.file):  # already here, or shipped inside the package
+        if present.is_file() and (expected is None or sha256_file(present) == expected):
+            return present
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)

@@ -143,6 +143,20 @@ def test_method_against_itself_is_exactly_zero_and_good_beats_random() -> None:
     assert res["paper"]["differences"]["good - same"]["ci95"] == [0.0, 0.0]
 
 
+def test_threshold_guidance_by_hand() -> None:
+    from crfiqa.evaluation.evaluate import threshold_guidance
+
+    scores = np.array([0.9, 0.1, 0.8, 0.2, 0.3])  # genuine pairs 0-2, impostors 3-4
+    genuine = np.array([1, 1, 1, 0, 0], bool)
+    left, right = np.array([0, 2, 4, 0, 1]), np.array([1, 3, 5, 2, 3])
+    image_scores = np.array([80.0, 90.0, 15.0, 50.0, 70.0, 60.0])  # image 2 scores 15
+    rows = threshold_guidance(scores, left, right, genuine, image_scores, fmr=0.5, thresholds=[10, 20, 75])
+    # t = 0.2 (impostors .3 .2, k = 1): pair 1 (images 2,3; score .1) is the one error
+    assert rows[0] == {"score_threshold": 10, "images_rejected": 0.0, "genuine_kept": 3, "fnmr": pytest.approx(1 / 3)}
+    assert rows[1]["images_rejected"] == pytest.approx(1 / 6) and rows[1]["genuine_kept"] == 2 and rows[1]["fnmr"] == 0
+    assert rows[2]["genuine_kept"] == 1  # only images 0, 1 (80, 90) kept
+
+
 def test_failures_score_minus_infinity() -> None:
     emb = np.array([[1.0, 0.0], [np.nan, np.nan], [0.6, 0.8]])
     s = pair_scores(emb, np.array([0, 0]), np.array([1, 2]))
@@ -251,6 +265,7 @@ def test_end_to_end_with_real_recognition_model(small_set: Path, tmp_path: Path)
     r = subprocess.run([sys.executable, "-m", "crfiqa.service.cli", "evaluate", "--all-vs-all", str(small_set),
                         "--recognition", "w600k_mbf", "--quality", f"mbf_csv={score_csv}",
                         "--quality", "mbf_model=model:mbf_norm", "--baseline", "random", "sharpness",
+                        "--guidance", "mbf_model",
                         "--fmr", "0.1", "--protocol", "both", "--threshold-mode", "fixed", "--bootstrap", "50",
                         "--models-dir", str(SHARED_MODELS), "--cache", str(tmp_path / "cache"), "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
@@ -263,3 +278,6 @@ def test_end_to_end_with_real_recognition_model(small_set: Path, tmp_path: Path)
     assert methods["mbf_csv"]["curve"] == methods["mbf_model"]["curve"]
     assert (out / "erc_fmr0.1.png").stat().st_size > 5000 and "| mbf_csv |" in (out / "summary.md").read_text()
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 12
+    guidance = report["guidance"]["0.1"]
+    assert [g["score_threshold"] for g in guidance] == list(range(10, 100, 10))
+    assert all(a["images_rejected"] <= b["images_rejected"] for a, b in zip(guidance, guidance[1:]))

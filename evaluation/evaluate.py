@@ -18,6 +18,7 @@ from crfiqa.evaluation.metrics import (
     pauc,
     threshold_at_fmr,
     threshold_at_fnmr,
+    trapezoid,
     value_at,
     verification_accuracy,
 )
@@ -79,24 +80,43 @@ def _iso_weighted(scores: np.ndarray, quality: np.ndarray, threshold: float, w: 
     return pauc(Curve(x, y, threshold, 0.0), limit)
 
 
-def _paper_fixed_weighted(scores: np.ndarray, genuine: np.ndarray, order: np.ndarray, threshold: float,
-                          w: np.ndarray) -> float:
-    """Paper-protocol AUC (fixed threshold) with bootstrap multiplicities ``w`` over all pairs."""
-    ww = w[order]
-    g = genuine[order]
-    err = (scores[order] <= threshold) & g
-    cw = np.cumsum(ww)
-    total = cw[-1]
-    cg, cerr = np.cumsum(ww * g), np.cumsum(ww * err)
-    ys = []
-    for r in PAPER_RATIOS:
-        cut = np.searchsorted(cw, np.floor(r * total), side="right")  # pairs (by weight) rejected
-        rejected_g = cg[cut - 1] if cut > 0 else 0.0
-        rejected_e = cerr[cut - 1] if cut > 0 else 0.0
-        kept_g = cg[-1] - rejected_g
-        ys.append((cerr[-1] - rejected_e) / kept_g if kept_g > 0 else 0.0)
-    y = np.array(ys)
-    return float(np.sum((PAPER_RATIOS[1:] - PAPER_RATIOS[:-1]) * (y[1:] + y[:-1]) / 2))
+BLOCK = 2048  # pairs per block of the cumulative-count table of the paper-protocol bootstrap
+
+
+def paper_fixed_bootstrap(scores: np.ndarray, genuine: np.ndarray, quality: np.ndarray, threshold: float,
+                          cluster_index: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Paper-protocol AUCs (fixed threshold) for each bootstrap draw (rows of ``draws``: multiplicity of
+    each identity cluster; a pair's weight is its cluster's).
+
+    With ~1.2 M all-vs-all pairs, weighting every pair per draw is too slow, so the cumulative weight of
+    the quality-ordered pairs is read from a table of per-block cluster counts (one matrix product for all
+    draws) and refined inside the one block where each rejection cut falls."""
+    order = np.argsort(quality, kind="stable")
+    cl = cluster_index[order]
+    gpos = np.flatnonzero(genuine[order])
+    gcl, gerr = cl[gpos], (scores[order][gpos] <= threshold).astype(np.float64)
+    n, n_clusters = cl.size, draws.shape[1]
+    blocks = -(-n // BLOCK)
+    counts = np.zeros((blocks + 1, n_clusters))
+    for b in range(blocks):
+        counts[b + 1] = counts[b] + np.bincount(cl[b * BLOCK:(b + 1) * BLOCK], minlength=n_clusters)
+    cum = counts @ draws.T  # [blocks + 1, draws]: weight of the pairs before each block
+    aucs = np.empty(len(draws))
+    for j, d in enumerate(draws):
+        wg = d[gcl]
+        cg, ce = np.cumsum(wg), np.cumsum(wg * gerr)
+        ys = []
+        for r in PAPER_RATIOS:
+            target = np.floor(r * cum[-1, j])
+            b = min(int(np.searchsorted(cum[:, j], target, side="right")) - 1, blocks - 1)
+            within = cum[b, j] + np.cumsum(d[cl[b * BLOCK:(b + 1) * BLOCK]])
+            cut = min(b * BLOCK + int(np.searchsorted(within, target, side="right")), n)
+            ng = int(np.searchsorted(gpos, cut))  # genuine pairs among the rejected prefix
+            kept = cg[-1] - (cg[ng - 1] if ng else 0.0)
+            errors = ce[-1] - (ce[ng - 1] if ng else 0.0)
+            ys.append(errors / kept if kept > 0 else 0.0)
+        aucs[j] = trapezoid(np.array(ys), PAPER_RATIOS)
+    return aucs
 
 
 def evaluate(pairs: Pairs, settings: Settings) -> dict:
@@ -179,10 +199,9 @@ def _paper(pairs: Pairs, methods: list[str], fmr: float, settings: Settings, dra
         curve = erc_paper(pairs.scores, pairs.genuine, pairs.quality[m], fmr, settings.threshold_mode)
         out["methods"][m] = {"curve": curve.to_dict(), "auc": curve.auc}
         point[m] = curve.auc
-        if settings.threshold_mode == "fixed" and draws:
-            order = np.argsort(pairs.quality[m], kind="stable")
-            boot[m] = np.array([_paper_fixed_weighted(pairs.scores, pairs.genuine, order, curve.threshold,
-                                                      d[cluster_index].astype(np.float64)) for d in draws])
+        if settings.threshold_mode == "fixed" and len(draws):
+            boot[m] = paper_fixed_bootstrap(pairs.scores, pairs.genuine, pairs.quality[m], curve.threshold,
+                                            cluster_index, np.asarray(draws, dtype=np.float64))
             out["methods"][m]["ci95"] = _interval(boot[m])
     if boot:
         out["differences"] = _differences(boot, point)

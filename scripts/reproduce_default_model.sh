@@ -14,14 +14,15 @@ for cfg in lfw_mbf lfw_mbf_on_top lfw_mbf_ccs lfw_mbf_official; do
 done
 # The cross-quality set: half of the LFW dev images degraded before detection (seed 2026; training used 1234).
 [ -d runs/lfw_dev_xq ] || $crfiqa degrade "$shared/data/lfw/images" --out runs/lfw_dev_xq --seed 2026 --fraction 0.5
-for set in clean xq; do
-  images="$shared/data/lfw/images"; [ "$set" = xq ] && images=runs/lfw_dev_xq
-  for rec in sface_2021dec w600k_mbf; do
+for rec in sface_2021dec w600k_mbf; do
+  for set in xq clean; do
+    images="$shared/data/lfw/images"; [ "$set" = xq ] && images=runs/lfw_dev_xq
     [ -f "runs/eval/${set}_${rec}/report.json" ] && continue
     $crfiqa evaluate --all-vs-all "$images" --recognition "$rec" \
       --quality crfiqa_mbf=model:runs/export/lfw_mbf.onnx --quality on_top=model:runs/export/lfw_mbf_on_top.onnx \
       --quality ccs=model:runs/export/lfw_mbf_ccs.onnx --quality official=model:runs/export/lfw_mbf_official.onnx \
       --baseline random det_score eye_distance sharpness embedding_norm:w600k_mbf \
-      --fmr 1e-3 1e-4 --protocol both --threshold-mode fixed --bootstrap "$bootstrap" --out "runs/eval/${set}_${rec}"
+      --fmr 1e-3 1e-4 --protocol both --threshold-mode fixed --bootstrap "$bootstrap" --guidance crfiqa_mbf \
+      --out "runs/eval/${set}_${rec}"
   done
 done

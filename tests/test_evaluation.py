@@ -281,3 +281,26 @@ def test_end_to_end_with_real_recognition_model(small_set: Path, tmp_path: Path)
     guidance = report["guidance"]["0.1"]
     assert [g["score_threshold"] for g in guidance] == list(range(10, 100, 10))
     assert all(a["images_rejected"] <= b["images_rejected"] for a, b in zip(guidance, guidance[1:]))
+
+
+def test_paper_bootstrap_equals_replicating_pairs() -> None:
+    """The block-table bootstrap gives exactly the AUC of the paper ERC on pairs replicated by weight."""
+    from crfiqa.evaluation.evaluate import BLOCK, paper_fixed_bootstrap
+
+    rng = np.random.default_rng(5)
+    n = 3 * BLOCK + 123
+    scores, quality = rng.random(n), rng.integers(0, 50, n).astype(float)  # many quality ties
+    genuine = rng.random(n) < 0.1
+    cluster = rng.integers(0, 40, n)
+    draws = rng.integers(0, 3, (4, 40)).astype(float)
+    t = 0.3
+    got = paper_fixed_bootstrap(scores, genuine, quality, t, cluster, draws)
+    for d, auc in zip(draws, got):
+        order = np.argsort(quality, kind="stable")
+        reps = d[cluster[order]].astype(int)
+        s, g = np.repeat(scores[order], reps), np.repeat(genuine[order], reps)
+        ys = []
+        for r in np.round(np.arange(0, 0.951, 0.05), 2):
+            keep = slice(int(np.floor(r * s.size)), None)
+            ys.append(fnmr(s[keep][g[keep]], t))
+        assert auc == pytest.approx(trapezoid(np.array(ys), np.round(np.arange(0, 0.951, 0.05), 2)), abs=1e-12)

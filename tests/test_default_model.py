@@ -1,0 +1,45 @@
+"""The shipped default quality model: present, verified, the manifest default, and it ranks degradation."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from crfiqa.service.registry import PACKAGED_DIR, Manifest, resolve, sha256_file
+from crfiqa.service.imaging import read_image
+from tests.helpers import lfw_dev_images
+
+
+def test_default_model_is_packaged_and_verified() -> None:
+    manifest = Manifest.load()
+    name = manifest.defaults["quality"]
+    entry = manifest.get(name, "quality")
+    path, _ = resolve(name, "quality", manifest)
+    assert path == PACKAGED_DIR / entry.file and sha256_file(path) == entry.sha256
+    assert path.stat().st_size <= 16 * 1024 * 1024 and entry.size == path.stat().st_size
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    assert {o.name for o in session.get_outputs()} == {"quality", "embedding"}
+    assert entry.provenance.get("command", "").startswith("crfiqa train") and "non-commercial" in entry.licence
+
+
+def test_sharp_faces_beat_their_blurred_downscaled_copies(pipeline) -> None:
+    """On dev images (identities never trained on), each sharp face outscores its degraded copy."""
+    paths = lfw_dev_images(40)[::8]
+    crops = np.concatenate([c[:1] for _, c in pipeline.run(paths, score=False, select="center")])
+    degraded = []
+    for crop in crops:
+        small = cv2.resize(cv2.GaussianBlur(crop, (0, 0), 1.5), (20, 20), interpolation=cv2.INTER_AREA)
+        degraded.append(cv2.resize(small, (112, 112), interpolation=cv2.INTER_LINEAR))
+    sharp = pipeline.score_crops(crops)
+    blurred = pipeline.score_crops(np.stack(degraded))
+    assert len(sharp) == 5
+    assert all(a.score > b.score for a, b in zip(sharp, blurred)), [(a.score, b.score) for a, b in zip(sharp, blurred)]
+
+
+def test_default_model_scores_a_dev_image_out_of_the_box(pipeline) -> None:
+    (result, _), = pipeline.run([lfw_dev_images(1)[0]])
+    assert result.ok and result.faces and 0 <= result.faces[0].quality.score <= 100
+    assert pipeline.quality_name == Manifest.load().defaults["quality"]
+    assert read_image(lfw_dev_images(1)[0]).rgb.shape == (250, 250, 3)

@@ -106,7 +106,8 @@ def reference_crops(paths: list[str], limit: int = 2000) -> np.ndarray:
     from crfiqa.service.pipeline import Pipeline, PipelineSettings
 
     pipe = Pipeline(PipelineSettings(providers=("CPUExecutionProvider",)))
-    images = list_images(paths)[:limit]
+    images = list_images(paths)
+    images = images[:: max(1, len(images) // limit)][:limit]  # spread over all identities, not the first few
     # Aligned training crops (112x112) are used as they are; other images go through detection.
     aligned = bool(images) and pipe.decode(images[0]).rgb.shape[:2] == (112, 112)
     crops = []

@@ -155,8 +155,12 @@ def verify_file(path: Path, entry: ModelEntry) -> None:
 
 
 def locate(entry: ModelEntry, directory: Path | None = None) -> Path:
-    """Find an entry's file: ``directory`` (default ``models_dir()``), then the packaged folder."""
-    candidates = [(directory or models_dir()) / entry.file, PACKAGED_DIR / entry.file]
+    """Find an entry's file in ``directory`` (default ``models_dir()``); a model shipped inside the package
+    (one without a download source) is also found there, so a volume mounted at CRFIQA_MODELS_DIR never
+    hides the packaged default."""
+    candidates = [(directory or models_dir()) / entry.file]
+    if not entry.sources:
+        candidates.append(PACKAGED_DIR / entry.file)
     for path in candidates:
         if path.is_file():
             return path
@@ -203,7 +207,8 @@ def fetch(entry: ModelEntry, directory: Path | None = None, mirror: Path | None 
     directory = directory or models_dir()
     target = directory / entry.file
     expected = sha256 or entry.sha256
-    for present in (target, PACKAGED_DIR / entry.file):  # already here, or shipped inside the package
+    # Already here, or (a model without a download source) shipped inside the package.
+    for present in (target, *([] if entry.sources else [PACKAGED_DIR / entry.file])):
         if present.is_file() and (expected is None or sha256_file(present) == expected):
             return present
     target.parent.mkdir(parents=True, exist_ok=True)

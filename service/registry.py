@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import tomllib
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -17,11 +18,6 @@ from pathlib import Path
 
 from crfiqa.service.errors import ModelError
 from crfiqa.service.preprocess import QUALITY_INPUT, InputSpec
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 

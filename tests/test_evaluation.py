@@ -304,3 +304,23 @@ def test_paper_bootstrap_equals_replicating_pairs() -> None:
             keep = slice(int(np.floor(r * s.size)), None)
             ys.append(fnmr(s[keep][g[keep]], t))
         assert auc == pytest.approx(trapezoid(np.array(ys), np.round(np.arange(0, 0.951, 0.05), 2)), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_precomputed_embeddings_npz(small_set: Path, tmp_path: Path, pipeline) -> None:
+    """--embeddings FILE.npz (paths relative to the image root) replaces the recognition model."""
+    from crfiqa.evaluation.sources import embed, find_faces, recognition_model
+
+    proto = all_vs_all(small_set)
+    faces = find_faces(proto, pipeline, "center")
+    emb = embed(faces, recognition_model("w600k_mbf", pipeline), False, None, "")
+    np.savez(tmp_path / "emb.npz", paths=np.array(proto.names), embeddings=emb)
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "crfiqa.service.cli", "evaluate", "--all-vs-all", str(small_set),
+                        "--images", str(small_set), "--embeddings", str(tmp_path / "emb.npz"), "--baseline", "random",
+                        "--fmr", "0.1", "--bootstrap", "0", "--models-dir", str(SHARED_MODELS), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    expected, _ = verification_accuracy(pair_scores(emb, proto.left, proto.right), proto.genuine)
+    assert report["recognition"]["accuracy"] == pytest.approx(expected)

@@ -29,7 +29,6 @@ from crfiqa.service.detect.base import select_one
 from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.imaging import decode_image
 from crfiqa.service.pipeline import Pipeline
-from crfiqa.service.registry import resolve
 from crfiqa.service.results import FaceResult, ImageResult, Quality
 from crfiqa.service.settings import Settings
 
@@ -70,10 +69,10 @@ class Service:
         self.ready = False
 
     def load(self) -> None:
-        """Verify (sha256) and open both models; raises a clear ``ModelError`` when one is missing or wrong."""
+        """Verify (sha256) and open both models; raises a clear ``ModelError`` when one is missing or wrong.
+
+        Opening a model through the pipeline resolves and verifies it, so each file is hashed once."""
         p = self.pipeline
-        for name, role in ((p.detector_name, "detector"), (p.quality_name, "quality")):
-            resolve(name, role, p.manifest, p.settings.models_dir)
         det = p.manifest.get(p.detector_name, "detector")
         self.metrics.model_info.labels(det.name, det.version, p.detector.provider, "detector").set(1)
         q = p.quality

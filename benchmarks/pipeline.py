@@ -17,7 +17,6 @@ import numpy as np
 
 from crfiqa.service.imaging import list_images
 from crfiqa.service.pipeline import Pipeline, PipelineSettings
-from crfiqa.service.runtime import DEFAULT_PROVIDERS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,13 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models-dir", type=Path, default=REPO.parent / "shared" / "models")
     ap.add_argument("--detector", default=None)
     ap.add_argument("--quality", default=None)
-    ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS))
+    ap.add_argument("--providers", default="", help="comma-separated (default: the best available)")
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
     paths = list_images([args.data])[: args.images]
     pipe = Pipeline(PipelineSettings(detector=args.detector, quality=args.quality, models_dir=args.models_dir,
-                                     providers=tuple(args.providers.split(","))))
+                                     providers=tuple(p for p in args.providers.split(",") if p)))
     rates = measure(pipe, paths, [int(b) for b in args.batch_sizes.split(",")])
     rates.update(provider=pipe.quality.provider, detector=pipe.detector_name, quality=pipe.quality_name,
                  machine=f"{platform.machine()} {os.cpu_count()} cores")

@@ -53,13 +53,13 @@ def find_faces(protocol: Protocol, pipeline: Pipeline, select: str) -> Faces:
     dets: list[Detection | None] = [None] * n
     sizes: list[tuple[int, int]] = [(0, 0)] * n
     results = pipeline.run(sources, score=False)
-    for k, (result, face_crops) in enumerate(tqdm(results, total=n, desc="faces", unit="img", file=sys.stderr)):
+    for k, (result, prepared) in enumerate(tqdm(results, total=n, desc="faces", unit="img", file=sys.stderr)):
         sizes[k] = (result.width, result.height)
         idx = select_index([f.detection for f in result.faces], result.width, result.height, select)
         if idx is None:
             continue
         chosen = result.faces[idx].detection
-        crops[k], ok[k], dets[k] = face_crops[idx], True, chosen
+        crops[k], ok[k], dets[k] = prepared.crops[idx], True, chosen
         det[k] = chosen.score
         eyes[k] = float(np.hypot(*(chosen.landmarks[1] - chosen.landmarks[0])))
     keys = [hashlib.sha256(src if isinstance(src, bytes) else Path(src).read_bytes()).hexdigest()

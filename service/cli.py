@@ -1,4 +1,6 @@
-"""The ``crfiqa`` command. Subcommands import their heavy modules lazily: ``score`` never imports torch."""
+"""The service's commands (detect, align, score, models): flags and runners; ``crfiqa.cli`` composes them.
+
+This module imports nothing heavy at import time, so ``crfiqa --help`` stays fast and torch-free."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,17 +49,21 @@ def _pipeline(args: argparse.Namespace, quality: str | None = None):
     return Pipeline(replace(pipe, detection=det, intra_op_threads=0))
 
 
-def _iterate(args: argparse.Namespace, score: bool, quality: str | None = None, aligned: bool = False):
-    """Run the pipeline over the expanded paths with a progress bar; returns (pipeline, iterator, count)."""
+def _iterate(args: argparse.Namespace, score: bool, quality: str | None = None):
+    """Run the pipeline over the expanded paths with a progress bar; returns (paths, iterator of
+    (ImageResult, Prepared))."""
     from tqdm import tqdm
 
     from crfiqa.service.imaging import list_images
+    from crfiqa.service.pipeline import Options
 
     paths = list_images(args.paths)
     pipe = _pipeline(args, quality)
-    results = pipe.run(paths, score=score, aligned=aligned, select=args.select)
+    opts = Options(aligned=getattr(args, "aligned", False), resize_aligned=getattr(args, "resize_aligned", False),
+                   select=args.select)
+    results = pipe.run(paths, opts, score=score)
     bar = tqdm(results, total=len(paths), unit="img", file=sys.stderr, disable=args.quiet or len(paths) < 2)
-    return pipe, bar, len(paths)
+    return paths, bar
 
 
 def _exit_code(n_ok: int, n_total: int) -> int:
@@ -68,37 +73,40 @@ def _exit_code(n_ok: int, n_total: int) -> int:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """Detect faces; print one JSON line per image."""
-    _, results, total = _iterate(args, score=False)
+    paths, results = _iterate(args, score=False)
     n_ok = 0
     for result, _ in results:
         n_ok += result.ok
         print(json.dumps(result.to_dict()), flush=True)
-    return _exit_code(n_ok, total)
+    return _exit_code(n_ok, len(paths))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    """Detect and write aligned 112x112 crops ``OUT/<stem>_<k>.png``; print one JSON line per image."""
+    """Detect and write aligned 112x112 crops ``OUT/<input's relative path>_<k>.png``; one JSON line per image."""
     import cv2
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    _, results, total = _iterate(args, score=False)
+    from crfiqa.service.imaging import mirror_paths
+
+    paths, results = _iterate(args, score=False)
+    targets = dict(zip(map(str, paths), mirror_paths(paths)))
     n_ok = 0
-    for result, crops in results:
+    for result, prepared in results:
         n_ok += result.ok
         out = result.to_dict()
-        stem = Path(result.source).stem
+        rel = targets[result.source]
         out["crops"] = []
-        for k, crop in enumerate(crops):
-            target = args.out / f"{stem}_{k}.png"
+        for k, crop in enumerate(prepared.crops):
+            target = args.out / rel.parent / f"{rel.name}_{k}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(target), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
             out["crops"].append(str(target))
         print(json.dumps(out), flush=True)
-    return _exit_code(n_ok, total)
+    return _exit_code(n_ok, len(paths))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Detect, align and score; JSON lines on stdout, or a CSV/JSONL file with ``--out``."""
-    _, results, total = _iterate(args, score=True, quality=args.model, aligned=args.aligned)
+    paths, results = _iterate(args, score=True, quality=args.model)
     n_ok = 0
     out_fh = open(args.out, "w", newline="") if args.out else None  # noqa: SIM115
     try:
@@ -116,7 +124,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     finally:
         if out_fh is not None:
             out_fh.close()
-    return _exit_code(n_ok, total)
+    return _exit_code(n_ok, len(paths))
 
 
 def _csv_rows(result) -> list[list]:
@@ -178,29 +186,30 @@ def _state(entry, directory: Path) -> str:
     return "ok" if entry.sha256_verified else "ok-unverified-hash"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="crfiqa", description="Face image quality assessment (CR-FIQA).")
-    parser.add_argument("--log-level", default=os.environ.get("CRFIQA_LOG_LEVEL", "WARNING"))
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("detect", help="detect faces, print JSON lines")
+def add_detect_arguments(p: argparse.ArgumentParser) -> None:
+    """``crfiqa detect`` flags."""
     _detection_args(p)
-    p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("align", help="write aligned 112x112 crops")
+
+def add_align_arguments(p: argparse.ArgumentParser) -> None:
+    """``crfiqa align`` flags."""
     _detection_args(p)
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.set_defaults(func=cmd_align)
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory; crops mirror the inputs' relative paths below it")
 
-    p = sub.add_parser("score", help="score face quality")
+
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    """``crfiqa score`` flags."""
     _detection_args(p)
     p.add_argument("--model", default=None, help="quality model: manifest name or .onnx path")
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 112x112 faces: skip detection")
+    p.add_argument("--resize-aligned", action="store_true",
+                   help="with --aligned: resize inputs that are not 112x112 instead of refusing them (not_aligned)")
     p.add_argument("--out", type=Path, default=None, help="write FILE.csv (one row per face) or FILE.jsonl")
-    p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("models", help="list, fetch or verify models")
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    """``crfiqa models`` flags."""
     p.add_argument("action", choices=["list", "fetch", "verify"])
     p.add_argument("names", nargs="*", help="model names (default: all)")
     p.add_argument("--from", dest="mirror", type=Path, default=None,
@@ -208,66 +217,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", default=None, help="expected sha256 (overrides the manifest; one model)")
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_models)
-
-    for name, help_text, loader in _EXTRA_COMMANDS:
-        loader(sub.add_parser(name, help=help_text))
-    return parser
-
-
-def _serve_parser(p: argparse.ArgumentParser) -> None:
-    """Register ``crfiqa serve`` (the FastAPI service)."""
-    from crfiqa.service.api.server import add_arguments, main as serve_main
-
-    add_arguments(p)
-    p.set_defaults(func=serve_main)
-
-
-def _lazy(module: str, add: str, run: str) -> Callable[[argparse.ArgumentParser], None]:
-    """Register a command whose flags come from a light module and whose code loads only when it runs."""
-
-    def register(p: argparse.ArgumentParser) -> None:
-        import importlib
-
-        mod = importlib.import_module(module)
-        getattr(mod, add)(p)
-        p.set_defaults(func=lambda args: getattr(mod, run)(args))
-
-    return register
-
-
-_EXTRA_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = [
-    ("serve", "run the HTTP service", _serve_parser),
-    ("prepare", "align raw identity folders into a training set",
-     _lazy("crfiqa.training.cli", "add_prepare_arguments", "run_prepare")),
-    ("train", "train a CR-FIQA model (runs under torchrun too)",
-     _lazy("crfiqa.training.cli", "add_train_arguments", "run_train")),
-    ("export", "export a checkpoint to a quality ONNX model",
-     _lazy("crfiqa.training.cli", "add_export_arguments", "run_export")),
-    ("convert-official", "convert a released CR-FIQA checkpoint to ONNX",
-     _lazy("crfiqa.training.cli", "add_convert_arguments", "run_convert")),
-    ("evaluate", "Error-versus-Reject evaluation of quality scores",
-     _lazy("crfiqa.evaluation.cli", "add_evaluate_arguments", "run_evaluate")),
-    ("degrade", "write a reproducible cross-quality copy of a dataset",
-     _lazy("crfiqa.evaluation.cli", "add_degrade_arguments", "run_degrade")),
-]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``crfiqa`` console script."""
-    from crfiqa.service.errors import CrfiqaError
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except CrfiqaError as exc:
-        print(f"crfiqa: error: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # `crfiqa score ... | head`
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

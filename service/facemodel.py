@@ -22,8 +22,10 @@ def calibrate(raw: np.ndarray, calibration: Calibration) -> np.ndarray:
 class FaceModel:
     """An ONNX model over aligned faces; runs batches of any size even when the graph's batch is fixed."""
 
-    def __init__(self, path: Path, entry: ModelEntry, providers: Sequence[str], intra_op_threads: int = 0) -> None:
+    def __init__(self, path: Path, entry: ModelEntry, providers: Sequence[str], intra_op_threads: int = 0,
+                 max_batch: int = 64) -> None:
         self.entry = entry
+        self.max_batch = max_batch  # larger inputs run in chunks: memory stays bounded
         self.path = path
         self.session = create_session(path, providers, intra_op_threads)
         inp = self.session.get_inputs()[0]
@@ -46,7 +48,7 @@ class FaceModel:
         if len(crops) == 0:
             return [np.zeros((0,), dtype=np.float32) for _ in outputs]
         blob = to_blob(crops, self.entry.input)
-        step = self.fixed_batch or len(blob)
+        step = self.fixed_batch or self.max_batch
         try:
             parts = [self.session.run(outputs, {self.input_name: blob[i:i + step]}) for i in range(0, len(blob), step)]
         except Exception as exc:  # ORT raises its own untyped exceptions
@@ -57,8 +59,9 @@ class FaceModel:
 class QualityModel(FaceModel):
     """A quality model: output ``quality`` [N,1] (CR-FIQA contract), or the embedding's L2 norm."""
 
-    def __init__(self, path: Path, entry: ModelEntry, providers: Sequence[str], intra_op_threads: int = 0) -> None:
-        super().__init__(path, entry, providers, intra_op_threads)
+    def __init__(self, path: Path, entry: ModelEntry, providers: Sequence[str], intra_op_threads: int = 0,
+                 max_batch: int = 64) -> None:
+        super().__init__(path, entry, providers, intra_op_threads, max_batch)
         if entry.family == "embedding_norm":
             self._output = entry.outputs.get("embedding", "embedding")
         else:

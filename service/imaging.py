@@ -7,6 +7,7 @@ error, ignores EXIF orientation in ``imdecode`` and reads no GIF; Pillow raises 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,3 +125,19 @@ def list_images(paths: list[str | Path]) -> list[Path]:
                 seen.add(q)
                 out.append(q)
     return out
+
+
+def mirror_paths(paths: list[Path]) -> list[Path]:
+    """Relative output paths that keep inputs apart: each input's path below the inputs' common folder,
+    without its suffix (``a/img.jpg``, ``b/img.png`` -> ``a/img``, ``b/img``); two inputs that would still
+    meet (``img.jpg``, ``img.png``) keep their suffix in the name (``img.jpg``, ``img.png``)."""
+    if not paths:
+        return []
+    absolute = [p.resolve() for p in paths]
+    common = Path(os.path.commonpath([p.parent for p in absolute]))
+    rel = [p.relative_to(common) for p in absolute]
+    stems = [r.with_suffix("") for r in rel]
+    counts: dict[Path, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    return [s if counts[s] == 1 else r for s, r in zip(stems, rel)]

@@ -1,28 +1,40 @@
-"""Compose decode -> detect -> align -> quality: the in-process API the CLI, the server and the evaluator call."""
+"""The pipeline's stages: ``prepare`` one image (decode, detect, select, align), ``score`` a batch of crops,
+``finish`` a result. The CLI, the HTTP service, the evaluator and the cluster job compose these three and
+differ only in where a batch comes from (pytriton's shape: the batch function is what gets batched)."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from crfiqa.service.align import ALIGNED_SIZE, ARCFACE_TEMPLATE, align_face, as_aligned
 from crfiqa.service.detect import Detector, DetectorSettings, create_detector
 from crfiqa.service.detect.base import select_one
 from crfiqa.service.errors import CrfiqaError
-from crfiqa.service.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_image
-from crfiqa.service.registry import Manifest, resolve
 from crfiqa.service.facemodel import QualityModel
+from crfiqa.service.imaging import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    decode_image,
+    read_image,
+)
+from crfiqa.service.registry import Manifest, resolve
 from crfiqa.service.results import Detection, FaceResult, ImageResult, Quality
 from crfiqa.service.runtime import DEFAULT_PROVIDERS
 
-#: An input is a path, or a (name, bytes) pair.
-Source = str | Path | tuple[str, bytes]
+#: An input of ``prepare``: a path, a (name, encoded bytes) pair or a (name, decoded image) pair.
+Source = str | Path | tuple[str, bytes] | tuple[str, DecodedImage]
+NO_CROPS = np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,28 @@ class PipelineSettings:
     models_dir: Path | None = None
     decode_workers: int = min(4, os.cpu_count() or 1)
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = one per core
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-call choices: what the CLI flags and the API's query parameters set for a batch of images."""
+
+    aligned: bool = False  # the input is an aligned 112x112 face: skip detection
+    resize_aligned: bool = False  # with ``aligned``: accept other sizes and resize them (else ``not_aligned``)
+    select: str | None = None  # center, largest, score: keep the one face an image of one subject is about
+    detection: DetectorSettings | None = None  # None: the pipeline's detector settings
+
+
+@dataclass
+class Prepared:
+    """One image after the CPU stages: its faces' detections and aligned crops, or the error that stopped it."""
+
+    source: str
+    image: DecodedImage | None = None
+    detections: list[Detection] = field(default_factory=list)
+    crops: np.ndarray = field(default_factory=lambda: NO_CROPS)
+    error: CrfiqaError | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
 
 class Pipeline:
@@ -63,113 +97,170 @@ class Pipeline:
     def quality(self) -> QualityModel:
         """The quality model adapter (verified on first use)."""
         path, entry = resolve(self.quality_name, "quality", self.manifest, self.settings.models_dir)
-        return QualityModel(path, entry, self.settings.providers, self.settings.intra_op_threads)
+        return QualityModel(path, entry, self.settings.providers, self.settings.intra_op_threads,
+                            self.settings.batch_size)
+
+    def load(self, detector: bool = True, quality: bool = True) -> None:
+        """Open (and verify) the models now, so a bad model fails the whole run before any image."""
+        if detector:
+            _ = self.detector
+        if quality:
+            _ = self.quality
+
+    def models(self) -> dict[str, dict]:
+        """Manifest data and execution provider of the detector and the quality model (``/v1/models``)."""
+        det = self.manifest.get(self.detector_name, "detector")
+        return {"detector": {**det.to_dict(), "provider": self.detector.provider},
+                "quality": {**self.quality.entry.to_dict(), "provider": self.quality.provider}}
+
+    def detection_settings(self, **overrides: float | int | None) -> DetectorSettings:
+        """The detector's settings with the non-None ``overrides`` (max_faces, min_face_size, ...) applied."""
+        return self.detector.settings.with_overrides(**overrides)
+
+    # -- stage 1: per image, CPU work, safe to run in many threads --------------------------------------------
 
     def decode(self, source: Source) -> DecodedImage:
         """Decode one source with the configured limits."""
         if isinstance(source, tuple):
-            return decode_image(source[1], self.settings.max_bytes, self.settings.max_pixels)
+            data = source[1]
+            if isinstance(data, DecodedImage):
+                return data
+            return decode_image(data, self.settings.max_bytes, self.settings.max_pixels)
         return read_image(source, self.settings.max_bytes, self.settings.max_pixels)
 
     def detect(self, rgb: np.ndarray, settings: DetectorSettings | None = None) -> list[Detection]:
         """Faces in an RGB image, ordered by score."""
         return self.detector.detect(rgb, settings)
 
-    @staticmethod
-    def align(rgb: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
-        """Aligned 112x112 RGB crops [N,112,112,3] for the detections."""
-        if not detections:
-            return np.zeros((0, 112, 112, 3), dtype=np.uint8)
-        return np.stack([align_face(rgb, d.landmarks) for d in detections])
+    def prepare(self, source: Source, options: Options | None = None) -> Prepared:
+        """Decode, detect, select and align one image; a bad image becomes ``Prepared.error``, never a raise."""
+        opts = options or Options()
+        name = source[0] if isinstance(source, tuple) else str(source)
+        prepared = Prepared(name)
+        t0 = time.perf_counter()
+        try:
+            image = prepared.image = self.decode(source)
+            t1 = time.perf_counter()
+            prepared.timings["decode"] = t1 - t0
+            if opts.aligned:
+                prepared.detections, prepared.crops = _as_aligned_face(image, opts.resize_aligned)
+                return prepared
+            dets = self.detect(image.rgb, opts.detection)
+            if opts.select:
+                dets = select_one(dets, image.width, image.height, opts.select)
+            t2 = time.perf_counter()
+            prepared.timings["detect"] = t2 - t1
+            prepared.detections = dets
+            if dets:
+                prepared.crops = np.stack([align_face(image.rgb, d.landmarks) for d in dets])
+            prepared.timings["align"] = time.perf_counter() - t2
+        except CrfiqaError as exc:
+            prepared.error = exc
+        return prepared
 
-    def score_crops(self, crops: np.ndarray) -> list[Quality]:
-        """Quality of aligned crops, run in batches of ``batch_size``."""
-        raws = [self.quality.predict(crops[i:i + self.settings.batch_size])
-                for i in range(0, len(crops), self.settings.batch_size)]
-        raw = np.concatenate(raws) if raws else np.zeros(0)
-        scores = self.quality.score(raw)
-        return [Quality(float(r), float(s)) for r, s in zip(raw, scores)]
+    # -- stage 2: the batch function ---------------------------------------------------------------------------
 
-    def analyse(self, image: DecodedImage, aligned: bool = False, settings: DetectorSettings | None = None,
-                select: str | None = None) -> tuple[list[Detection], np.ndarray]:
-        """Detections and their aligned crops; ``aligned`` treats the whole image as one aligned face;
-        ``select`` (center, largest, score) keeps the one face an image of one subject is about."""
-        if aligned:
-            crop = as_aligned(image.rgb)
-            h, w = image.height, image.width
-            # The face is taken as aligned: its landmarks are the template's, in this image's scale.
-            landmarks = (ARCFACE_TEMPLATE * [w / ALIGNED_SIZE, h / ALIGNED_SIZE]).astype(np.float32)
-            det = Detection(bbox=np.array([0, 0, w, h], dtype=np.float32), landmarks=landmarks, score=1.0)
-            return [det], crop[None]
-        dets = self.detect(image.rgb, settings)
-        if select:
-            dets = select_one(dets, image.width, image.height, select)
-        return dets, self.align(image.rgb, dets)
+    def score(self, crops: np.ndarray) -> np.ndarray:
+        """Raw quality [N] of aligned RGB uint8 crops [N,112,112,3]; raises ``InferenceError``."""
+        return self.quality.predict(crops)
 
-    def run(self, sources: Iterable[Source], score: bool = True, aligned: bool = False,
-            settings: DetectorSettings | None = None, chunk: int = 64,
-            select: str | None = None) -> Iterator[tuple[ImageResult, np.ndarray]]:
-        """Process sources in order, yielding each result with its crops; decoding runs in parallel threads
-        while the models run, and quality is batched across the images of a chunk. A model that cannot be
-        loaded fails the whole run here (ModelError), never image by image."""
-        if not aligned:
-            _ = self.detector
-        if score:
-            _ = self.quality
-        it = iter(sources)
-        with ThreadPoolExecutor(self.settings.decode_workers) as pool:
-            while True:
-                batch = [s for _, s in zip(range(chunk), it)]
-                if not batch:
-                    return
-                decoded = pool.map(_safe(self.decode), batch)
-                results: list[ImageResult] = []
-                crops: list[np.ndarray] = []
-                for source, image in zip(batch, decoded):
-                    name = source[0] if isinstance(source, tuple) else str(source)
-                    if isinstance(image, CrfiqaError):
-                        results.append(ImageResult(name, error=image))
-                        crops.append(np.zeros((0, 112, 112, 3), np.uint8))
-                        continue
-                    try:
-                        dets, face_crops = self.analyse(image, aligned, settings, select)
-                    except CrfiqaError as exc:
-                        results.append(ImageResult(name, error=exc, width=image.width, height=image.height))
-                        crops.append(np.zeros((0, 112, 112, 3), np.uint8))
-                        continue
-                    results.append(ImageResult(name, [FaceResult(d) for d in dets], width=image.width,
-                                               height=image.height))
-                    crops.append(face_crops)
-                if score:
-                    self._score_into(results, crops)
-                yield from zip(results, crops)
+    # -- stage 3: per image ------------------------------------------------------------------------------------
 
-    def _score_into(self, results: list[ImageResult], crops: list[np.ndarray]) -> None:
-        """Score all crops of a chunk in shared batches and attach the qualities to their faces."""
-        counts = [len(c) for c in crops]
+    def finish(self, prepared: Prepared, raw: np.ndarray | None = None,
+               error: CrfiqaError | None = None) -> ImageResult:
+        """The typed result: detections with calibrated quality (``raw`` is this image's slice; None = not
+        scored); ``error`` (a failed batch) replaces the faces."""
+        image = prepared.image
+        width, height = (image.width, image.height) if image is not None else (0, 0)
+        error = prepared.error or (error if len(prepared.detections) else None)
+        if error is not None:
+            return ImageResult(prepared.source, error=error, width=width, height=height)
+        faces = [FaceResult(d) for d in prepared.detections]
+        if raw is not None:
+            if len(raw) != len(faces):
+                raise ValueError(f"{len(raw)} quality values for {len(faces)} faces")
+            for face, r, s in zip(faces, raw, self.quality.score(raw)):
+                face.quality = Quality(float(r), float(s))
+        return ImageResult(prepared.source, faces, width=width, height=height)
+
+    # -- compositions of the stages ----------------------------------------------------------------------------
+
+    def score_prepared(self, batch: Sequence[Prepared]) -> list[ImageResult]:
+        """Score the faces of several prepared images in one batch call and finish each; a failed batch
+        fails only the images that had faces in it."""
+        counts = [len(p.crops) for p in batch]
         if sum(counts) == 0:
-            return
+            return [self.finish(p) for p in batch]
         try:
-            qualities = self.score_crops(np.concatenate([c for c in crops if len(c)]))
+            raw = self.score(np.concatenate([p.crops for p in batch if len(p.crops)]))
         except CrfiqaError as exc:
-            for r, n in zip(results, counts):
-                if n:
-                    r.error, r.faces = exc, []
-            return
-        k = 0
-        for r, n in zip(results, counts):
-            for face in r.faces:
-                face.quality = qualities[k]
-                k += 1
+            return [self.finish(p, error=exc) for p in batch]
+        offsets = np.cumsum([0, *counts])
+        return [self.finish(p, raw[a:b]) for p, a, b in zip(batch, offsets[:-1], offsets[1:])]
+
+    def run(self, sources: Iterable[Source], options: Options | None = None,
+            score: bool = True) -> Iterator[tuple[ImageResult, Prepared]]:
+        """Results in input order. ``prepare`` runs ahead in a thread pool while the quality model scores
+        the previous batch, so decode/detect/align overlap inference. A model that cannot be loaded fails
+        the whole run here (ModelError), never image by image."""
+        opts = options or Options()
+        self.load(detector=not opts.aligned, quality=score)
+        window = max(2 * self.settings.batch_size, 2 * self.settings.decode_workers)
+        it = iter(sources)
+        pending: deque[Future[Prepared]] = deque()
+        with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="crfiqa-prepare") as pool:
+
+            def fill() -> None:
+                while len(pending) < window:
+                    source = next(it, None)
+                    if source is None:
+                        return
+                    pending.append(pool.submit(self.prepare, source, opts))
+
+            fill()
+            while pending:
+                batch: list[Prepared] = []
+                faces = 0
+                # Take finished images in order until a batch is full or nothing more is ready.
+                while pending and (not batch or (faces < self.settings.batch_size and pending[0].done())):
+                    batch.append(pending.popleft().result())
+                    faces += len(batch[-1].crops)
+                    fill()
+                results = self.score_prepared(batch) if score else [self.finish(p) for p in batch]
+                yield from zip(results, batch)
+
+    def assess(self, image: str | Path | bytes | np.ndarray, options: Options | None = None,
+               colour: str | None = None) -> ImageResult:
+        """Score every face of one image: a path, encoded bytes, or an HxWx3 uint8 array whose channel order
+        must be given (``colour="RGB"`` or ``"BGR"``, as OpenCV reads). Like insightface's ``FaceAnalysis.get``."""
+        source: Source
+        if isinstance(image, np.ndarray):
+            source = ("array", DecodedImage(_rgb_array(image, colour), "array"))
+        elif isinstance(image, bytes | bytearray):
+            source = ("bytes", bytes(image))
+        else:
+            source = image
+        self.load(detector=not (options and options.aligned))
+        return self.score_prepared([self.prepare(source, options)])[0]
 
 
-def _safe(fn):
-    """Wrap ``fn`` so a typed error is returned instead of raised (keeps ``pool.map`` going)."""
+def _rgb_array(image: np.ndarray, colour: str | None) -> np.ndarray:
+    """A C-contiguous RGB uint8 copy-free view of an array in the stated channel order."""
+    if colour not in ("RGB", "BGR"):
+        raise ValueError("say the array's channel order: colour='RGB' or colour='BGR' (OpenCV reads BGR)")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if colour == "BGR" else image
+    return np.ascontiguousarray(rgb)
 
-    def call(arg):
-        try:
-            return fn(arg)
-        except CrfiqaError as exc:
-            return exc
 
-    return call
+def _as_aligned_face(image: DecodedImage, resize: bool) -> tuple[list[Detection], np.ndarray]:
+    """The whole image as one aligned face; anything but 112x112 is ``not_aligned`` unless ``resize``."""
+    h, w = image.height, image.width
+    if (h, w) != (ALIGNED_SIZE, ALIGNED_SIZE) and not resize:
+        raise CrfiqaError(f"image is {w}x{h}; an aligned face is {ALIGNED_SIZE}x{ALIGNED_SIZE} (detect it instead, "
+                          "or allow resizing explicitly)", code="not_aligned")
+    # The face is taken as aligned: its landmarks are the template's, in this image's scale.
+    landmarks = (ARCFACE_TEMPLATE * [w / ALIGNED_SIZE, h / ALIGNED_SIZE]).astype(np.float32)
+    det = Detection(bbox=np.array([0, 0, w, h], dtype=np.float32), landmarks=landmarks, score=1.0)
+    return [det], as_aligned(image.rgb)[None]

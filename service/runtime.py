@@ -1,40 +1,60 @@
-"""ONNX Runtime sessions: provider selection with fallback, thread settings, one place for both."""
+"""ONNX Runtime sessions: provider selection, thread settings, one place for both.
+
+ONNX Runtime is imported here only, on first use, so an install without it (neither ``crfiqa[cpu]`` nor
+``crfiqa[gpu]``) gets one clear sentence instead of a traceback from deep inside an import chain.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-import onnxruntime as ort
+from crfiqa.service.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
-
+#: The order "best available" means: CUDA when this ONNX Runtime build has it, else the CPU.
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+#: The default of every ``providers`` setting: empty = the best available, chosen silently.
+DEFAULT_PROVIDERS: tuple[str, ...] = ()
 
 _warned: set[tuple[str, ...]] = set()
 
 
+def onnxruntime() -> ModuleType:
+    """The ``onnxruntime`` module, or a ``ModelError`` saying which extra to install."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelError("ONNX Runtime is not installed: install crfiqa[cpu] or crfiqa[gpu]",
+                         code="runtime_missing") from exc
+    return ort
+
+
 def select_providers(requested: Sequence[str] = DEFAULT_PROVIDERS) -> list[str]:
-    """Keep the requested providers this ONNX Runtime build has, in order; warn (once) about the others."""
-    available = set(ort.get_available_providers())
+    """The providers to use, in order. Nothing requested: the best this build has, silently. Requested
+    explicitly: those this build has, with one warning naming the missing ones."""
+    available = set(onnxruntime().get_available_providers())
+    if not requested:
+        return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
     chosen = [p for p in requested if p in available]
     missing = tuple(p for p in requested if p not in available)
     if missing and missing not in _warned:
         _warned.add(missing)
         # Typical cause: both onnxruntime and onnxruntime-gpu installed, so the CPU build shadows CUDA.
-        log.warning("execution providers not available here, falling back: %s (available: %s)",
+        log.warning("requested execution providers not available here, falling back: %s (available: %s)",
                     ", ".join(missing), ", ".join(sorted(available)))
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
 
 
-def create_session(
-    path: str | Path, providers: Sequence[str] = DEFAULT_PROVIDERS, intra_op_threads: int = 0
-) -> ort.InferenceSession:
-    """Open an ONNX model with the best available providers; ``session.get_providers()[0]`` is the one in use."""
+def create_session(path: str | Path, providers: Sequence[str] = DEFAULT_PROVIDERS, intra_op_threads: int = 0) -> Any:
+    """Open an ONNX model with the selected providers; ``session.get_providers()[0]`` is the one in use."""
+    ort = onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # SFace's "initializer in graph inputs" warnings are harmless noise
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -50,6 +70,6 @@ def create_session(
     return ort.InferenceSession(str(path), sess_options=options, providers=provider_list)
 
 
-def provider_in_use(session: ort.InferenceSession) -> str:
+def provider_in_use(session: Any) -> str:
     """The execution provider that runs the graph (the first one the session accepted)."""
     return session.get_providers()[0]

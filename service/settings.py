@@ -10,7 +10,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from crfiqa.service.detect import DetectorSettings
 from crfiqa.service.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from crfiqa.service.pipeline import PipelineSettings
-from crfiqa.service.runtime import DEFAULT_PROVIDERS
 
 
 class Settings(BaseSettings):
@@ -21,7 +20,7 @@ class Settings(BaseSettings):
     models_dir: Path | None = Field(None, description="directory of fetched models (default: the packaged models/)")
     detector: str | None = Field(None, description="detector name from the manifest (default scrfd_500m)")
     quality_model: str | None = Field(None, description="quality model: manifest name or .onnx path")
-    providers: str = Field(",".join(DEFAULT_PROVIDERS), description="comma-separated ONNX Runtime providers")
+    providers: str = Field("", description="comma-separated ONNX Runtime providers (empty: the best available)")
     det_size: int = Field(640, ge=32, le=4096, description="detector input size, pixels")
     det_threshold: float = Field(0.5, ge=0.0, le=1.0, description="default detection score threshold")
     max_body_bytes: int = Field(50 * 1024 * 1024, gt=0, description="largest request body, bytes")

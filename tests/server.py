@@ -34,7 +34,7 @@ class Server:
                     **(env or {})}
         self.log_path = log
         out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-        cmd = command or [sys.executable, "-m", "crfiqa.service.cli", "serve"]
+        cmd = command or [sys.executable, "-m", "crfiqa.cli", "serve"]
         self.proc = subprocess.Popen([*cmd, *(args or [])], env=full_env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_up(self, timeout: float = 60.0) -> None:

@@ -19,7 +19,7 @@ ENV = {**os.environ, "CRFIQA_MODELS_DIR": str(SHARED_MODELS), "CRFIQA_PROVIDERS"
 
 
 def crfiqa(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crfiqa.service.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "crfiqa.cli", *args], capture_output=True, text=True,
                           env=env or ENV, timeout=300)
 
 
@@ -103,7 +103,7 @@ def test_models_fetch_from_mirror_and_verify(tmp_path: Path) -> None:
 
 
 def test_score_never_imports_torch() -> None:
-    code = ("import sys; from crfiqa.service.cli import main; "
+    code = ("import sys; from crfiqa.cli import main; "
             f"main(['score', '--quiet', {str(SAMPLES / 't1.jpg')!r}]); "
             "sys.stderr.write('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)

@@ -8,6 +8,7 @@ import onnxruntime as ort
 
 from crfiqa.service.registry import PACKAGED_DIR, Manifest, resolve, sha256_file
 from crfiqa.service.imaging import read_image
+from crfiqa.service.pipeline import Options
 from tests.helpers import lfw_dev_images
 
 
@@ -27,15 +28,15 @@ def test_default_model_is_packaged_and_verified() -> None:
 def test_sharp_faces_beat_their_blurred_downscaled_copies(pipeline) -> None:
     """On dev images (identities never trained on), each sharp face outscores its degraded copy."""
     paths = lfw_dev_images(40)[::8]
-    crops = np.concatenate([c[:1] for _, c in pipeline.run(paths, score=False, select="center")])
+    crops = np.concatenate([p.crops[:1] for _, p in pipeline.run(paths, Options(select="center"), score=False)])
     degraded = []
     for crop in crops:
         small = cv2.resize(cv2.GaussianBlur(crop, (0, 0), 1.5), (20, 20), interpolation=cv2.INTER_AREA)
         degraded.append(cv2.resize(small, (112, 112), interpolation=cv2.INTER_LINEAR))
-    sharp = pipeline.score_crops(crops)
-    blurred = pipeline.score_crops(np.stack(degraded))
+    sharp = pipeline.score(crops)
+    blurred = pipeline.score(np.stack(degraded))
     assert len(sharp) == 5
-    assert all(a.score > b.score for a, b in zip(sharp, blurred)), [(a.score, b.score) for a, b in zip(sharp, blurred)]
+    assert (sharp > blurred).all(), list(zip(sharp, blurred))
 
 
 def test_default_model_scores_a_dev_image_out_of_the_box(pipeline) -> None:

@@ -259,10 +259,10 @@ def test_degrade_is_reproducible_and_recorded(small_set: Path, tmp_path: Path, p
 @pytest.mark.slow
 def test_end_to_end_with_real_recognition_model(small_set: Path, tmp_path: Path) -> None:
     score_csv = tmp_path / "scores.csv"
-    subprocess.run([sys.executable, "-m", "crfiqa.service.cli", "score", str(small_set), "--out", str(score_csv),
+    subprocess.run([sys.executable, "-m", "crfiqa.cli", "score", str(small_set), "--out", str(score_csv),
                     "--models-dir", str(SHARED_MODELS), "--quiet"], check=True, timeout=300)
     out = tmp_path / "eval"
-    r = subprocess.run([sys.executable, "-m", "crfiqa.service.cli", "evaluate", "--all-vs-all", str(small_set),
+    r = subprocess.run([sys.executable, "-m", "crfiqa.cli", "evaluate", "--all-vs-all", str(small_set),
                         "--recognition", "w600k_mbf", "--quality", f"mbf_csv={score_csv}",
                         "--quality", "mbf_model=model:mbf_norm", "--baseline", "random", "sharpness",
                         "--guidance", "mbf_model",
@@ -316,7 +316,7 @@ def test_precomputed_embeddings_npz(small_set: Path, tmp_path: Path, pipeline) -
     emb = embed(faces, recognition_model("w600k_mbf", pipeline), False, None, "")
     np.savez(tmp_path / "emb.npz", paths=np.array(proto.names), embeddings=emb)
     out = tmp_path / "eval"
-    r = subprocess.run([sys.executable, "-m", "crfiqa.service.cli", "evaluate", "--all-vs-all", str(small_set),
+    r = subprocess.run([sys.executable, "-m", "crfiqa.cli", "evaluate", "--all-vs-all", str(small_set),
                         "--images", str(small_set), "--embeddings", str(tmp_path / "emb.npz"), "--baseline", "random",
                         "--fmr", "0.1", "--bootstrap", "0", "--models-dir", str(SHARED_MODELS), "--out", str(out)],
                        capture_output=True, text=True, timeout=600)

@@ -30,7 +30,8 @@ def test_blob_rejects_wrong_size() -> None:
 def test_colour_order_reaches_the_model_as_rgb(make_pipeline, channel_model) -> None:
     """A model whose output depends on channel order gets exactly the RGB contract (t1.jpg is in colour)."""
     pipe = make_pipeline(quality=str(channel_model))
-    (result, crops), = pipe.run([SAMPLES / "t1.jpg"])
+    (result, prepared), = pipe.run([SAMPLES / "t1.jpg"])
+    crops = prepared.crops
     assert len(result.faces) == 6
     rgb = read_image(SAMPLES / "t1.jpg").rgb
     assert rgb[..., 0].mean() > rgb[..., 2].mean() + 5  # warm photo: red dominates blue
@@ -43,7 +44,7 @@ def test_colour_order_reaches_the_model_as_rgb(make_pipeline, channel_model) -> 
 @pytest.mark.parametrize("model", ["mbf_norm", "channel"])
 def test_batched_equals_one_by_one(make_pipeline, channel_model, model: str) -> None:
     pipe = make_pipeline(quality=str(channel_model) if model == "channel" else model)
-    crops = np.concatenate([c for _, c in pipe.run(lfw_dev_images(12), score=False)])
+    crops = np.concatenate([p.crops for _, p in pipe.run(lfw_dev_images(12), score=False)])
     assert len(crops) >= 12
     batched = pipe.quality.predict(crops)
     single = np.concatenate([pipe.quality.predict(c[None]) for c in crops])
@@ -65,8 +66,8 @@ def test_sharp_face_beats_blurred_copy(make_pipeline) -> None:
     rgb = read_image(SAMPLES / "Tom_Hanks_54745.png").rgb
     small = cv2.resize(cv2.GaussianBlur(rgb, (0, 0), 2.0), (16, 16), interpolation=cv2.INTER_AREA)
     degraded = cv2.resize(small, (112, 112), interpolation=cv2.INTER_LINEAR)
-    q = pipe.score_crops(np.stack([rgb, degraded]))
-    assert q[0].raw > q[1].raw and q[0].score > q[1].score
+    raw = pipe.score(np.stack([rgb, degraded]))
+    assert raw[0] > raw[1]
 
 
 def test_fixed_batch_recognition_model_runs_batches(make_pipeline) -> None:
@@ -78,7 +79,11 @@ def test_fixed_batch_recognition_model_runs_batches(make_pipeline) -> None:
     path, entry = resolve("sface_2021dec", "recognition", pipe.manifest, pipe.settings.models_dir)
     model = RecognitionModel(path, entry, ("CPUExecutionProvider",))
     assert model.fixed_batch == 1
-    crops = np.concatenate([c for _, c in pipe.run([SAMPLES / "t1.jpg"], score=False)])
+    crops = np.concatenate([p.crops for _, p in pipe.run([SAMPLES / "t1.jpg"], score=False)])
     batched = model.embed(crops)
-    single = np.concatenate([model.embed(c[None]) for c in crops])
-    assert batched.shape == (6, 128) and np.abs(batched - single).max() <= 1e-5
+    # The reference runs the graph directly, one crop at a time: independent of FaceModel's chunking.
+    direct = np.concatenate([model.session.run(None, {model.input_name: to_blob(c[None], entry.input)})[0]
+                             for c in crops])
+    assert batched.shape == (6, 128) and np.abs(batched - direct).max() <= 1e-5
+    order = np.array([3, 0, 5, 1, 4, 2])
+    assert np.abs(model.embed(crops[order]) - batched[order]).max() <= 1e-5

@@ -98,7 +98,7 @@ def test_prepare_aligns_identity_folders(tmp_path: Path) -> None:
                 shutil.copy(img, src / ident.name)
     (src / ident.name / "broken.jpg").write_bytes(b"nope")
     out = tmp_path / "aligned"
-    r = subprocess.run([sys.executable, "-m", "crfiqa.service.cli", "prepare", str(src), "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "crfiqa.cli", "prepare", str(src), "--out", str(out),
                         "--models-dir", str(SHARED_MODELS)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -137,7 +137,7 @@ def test_unknown_backbone_lists_names() -> None:
 
 def test_onnx_import_matches_onnx_runtime_on_real_faces(pipeline) -> None:
     model = create_backbone(f"onnx:{MBF}").eval()
-    crops = np.concatenate([c for _, c in pipeline.run([SHARED / "data" / "samples" / "t1.jpg"], score=False)])
+    crops = np.concatenate([p.crops for _, p in pipeline.run([SHARED / "data" / "samples" / "t1.jpg"], score=False)])
     x = to_blob(crops)
     ref = ort.InferenceSession(str(MBF), providers=["CPUExecutionProvider"]).run(None, {"input.1": x})[0]
     with torch.no_grad():
@@ -252,7 +252,7 @@ def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
 def test_export_parity_and_service_contract(tmp_path: Path, pipeline) -> None:
     model = create_backbone("mobilefacenet").eval()
     path = export_onnx(model, tmp_path / "q.onnx")
-    crops = np.concatenate([c for _, c in pipeline.run([SHARED / "data" / "samples" / "t1.jpg"], score=False)])
+    crops = np.concatenate([p.crops for _, p in pipeline.run([SHARED / "data" / "samples" / "t1.jpg"], score=False)])
     assert check_parity(model, path, crops) <= 1e-4
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input"]
@@ -272,7 +272,7 @@ def test_convert_official_synthetic_checkpoint(tmp_path: Path) -> None:
     state = create_backbone("iresnet50").state_dict()
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "32572backbone.pth")
-    r = subprocess.run([sys.executable, "-m", "crfiqa.service.cli", "convert-official",
+    r = subprocess.run([sys.executable, "-m", "crfiqa.cli", "convert-official",
                         str(tmp_path / "32572backbone.pth"), "--arch", "iresnet50", "--out", str(tmp_path / "s.onnx")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

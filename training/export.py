@@ -103,7 +103,7 @@ def write_sidecar(onnx_path: Path, name: str, arch: str, calibration: Calibratio
 def reference_crops(paths: list[str], limit: int = 2000) -> np.ndarray:
     """Aligned crops of reference images (through the service pipeline: one face per image, centre rule)."""
     from crfiqa.service.imaging import list_images
-    from crfiqa.service.pipeline import Pipeline, PipelineSettings
+    from crfiqa.service.pipeline import Options, Pipeline, PipelineSettings
 
     pipe = Pipeline(PipelineSettings(providers=("CPUExecutionProvider",)))
     images = list_images(paths)
@@ -111,9 +111,9 @@ def reference_crops(paths: list[str], limit: int = 2000) -> np.ndarray:
     # Aligned training crops (112x112) are used as they are; other images go through detection.
     aligned = bool(images) and pipe.decode(images[0]).rgb.shape[:2] == (112, 112)
     crops = []
-    for result, c in pipe.run(images, score=False, select="center", aligned=aligned):
-        if len(c):
-            crops.append(c[:1])
+    for _, prepared in pipe.run(images, Options(aligned=aligned, select="center"), score=False):
+        if len(prepared.crops):
+            crops.append(prepared.crops[:1])
     return np.concatenate(crops) if crops else np.zeros((0, 112, 112, 3), np.uint8)
 
 

@@ -11,7 +11,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import numpy as np
@@ -25,11 +24,10 @@ from crfiqa.service.api.batching import DynamicBatcher
 from crfiqa.service.api.logs import request_id
 from crfiqa.service.api.metrics import Metrics
 from crfiqa.service.api.schemas import ErrorResponse, Options, QualityRequest, QualityResponse
-from crfiqa.service.detect.base import select_one
 from crfiqa.service.errors import CrfiqaError
-from crfiqa.service.imaging import decode_image
-from crfiqa.service.pipeline import Pipeline
-from crfiqa.service.results import FaceResult, ImageResult, Quality
+from crfiqa.service.pipeline import Options as PipelineOptions
+from crfiqa.service.pipeline import Pipeline, Prepared
+from crfiqa.service.results import ImageResult
 from crfiqa.service.settings import Settings
 
 log = logging.getLogger("crfiqa.api")
@@ -43,15 +41,6 @@ RETRY_AFTER_S = "1"
 
 class RequestError(CrfiqaError):
     """An error that fails the whole request; its ``code`` picks the status from ``STATUS``."""
-
-
-@dataclass
-class Prepared:
-    """An image after decode, detect and align (the part that runs in a worker thread)."""
-
-    result: ImageResult
-    crops: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Service:
@@ -72,11 +61,8 @@ class Service:
         """Verify (sha256) and open both models; raises a clear ``ModelError`` when one is missing or wrong.
 
         Opening a model through the pipeline resolves and verifies it, so each file is hashed once."""
-        p = self.pipeline
-        det = p.manifest.get(p.detector_name, "detector")
-        self.metrics.model_info.labels(det.name, det.version, p.detector.provider, "detector").set(1)
-        q = p.quality
-        self.metrics.model_info.labels(q.entry.name, q.entry.version, q.provider, "quality").set(1)
+        for role, info in self.pipeline.models().items():
+            self.metrics.model_info.labels(info["name"], info["version"], info["provider"], role).set(1)
 
     def warm_up(self) -> None:
         """Run every batch size the batcher can form (the CUDA arena grows to the largest seen) and the detector."""
@@ -91,68 +77,59 @@ class Service:
     def _infer(self, crops: np.ndarray) -> np.ndarray:
         """Quality model on one batch (runs in the inference thread)."""
         t = time.perf_counter()
-        raw = self.pipeline.quality.predict(crops)
+        raw = self.pipeline.score(crops)
         self.metrics.stage_duration.labels("quality").observe(time.perf_counter() - t)
         return raw
 
     def prepare(self, name: str, data: bytes | str, opts: Options) -> Prepared:
-        """Decode, detect and align one image; a bad image becomes an error result, never an exception."""
-        timings: dict[str, float] = {}
-        try:
-            if isinstance(data, str):
-                try:
-                    data = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError) as exc:
-                    raise CrfiqaError("image data is not valid base64", code="invalid_base64") from exc
-            t0 = time.perf_counter()
-            image = decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels)
-            t1 = time.perf_counter()
-            timings["decode"] = t1 - t0
-            if opts.aligned:
-                dets, crops = self.pipeline.analyse(image, aligned=True)
-            else:
-                det = self.pipeline.detector.settings.with_overrides(
-                    max_faces=opts.max_faces, min_face_size=opts.min_face_size, score_threshold=opts.det_threshold)
-                dets = self.pipeline.detect(image.rgb, det)
-                if opts.select:
-                    dets = select_one(dets, image.width, image.height, opts.select)
-                t2 = time.perf_counter()
-                timings["detect"] = t2 - t1
-                crops = self.pipeline.align(image.rgb, dets)
-                timings["align"] = time.perf_counter() - t2
-        except CrfiqaError as exc:
-            return Prepared(ImageResult(name, error=exc), np.zeros((0, 112, 112, 3), np.uint8), timings)
-        return Prepared(ImageResult(name, [FaceResult(d) for d in dets], width=image.width, height=image.height),
-                        crops, timings)
+        """The pipeline's prepare stage for one request image (base64 decoded first); never raises."""
+        if isinstance(data, str):
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                return Prepared(name, error=CrfiqaError("image data is not valid base64", code="invalid_base64"))
+        return self.pipeline.prepare((name, data), self._options(opts))
+
+    def _options(self, opts: Options) -> PipelineOptions:
+        """The pipeline options of a request's query/body options."""
+        if opts.aligned:
+            return PipelineOptions(aligned=True)
+        det = self.pipeline.detection_settings(max_faces=opts.max_faces, min_face_size=opts.min_face_size,
+                                               score_threshold=opts.det_threshold)
+        return PipelineOptions(select=opts.select, detection=det)
 
     async def score(self, items: list[tuple[str, bytes | str]], opts: Options) -> tuple[list[ImageResult], dict]:
-        """Prepare images in parallel worker threads, then score all their faces through the batcher."""
+        """Prepare images in parallel worker threads, score all their faces through the batcher, finish each."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         prepared = await asyncio.gather(*(loop.run_in_executor(self.workers, self.prepare, n, d, opts)
                                           for n, d in items))
-        crops = [p.crops for p in prepared if len(p.crops)]
+        counts = [len(p.crops) for p in prepared]
         t1 = time.perf_counter()
-        raw = await self.batcher.submit(np.concatenate(crops)) if crops else np.zeros(0)
+        error: CrfiqaError | None = None
+        raw = np.zeros(0)
+        if sum(counts):
+            try:
+                raw = await self.batcher.submit(np.concatenate([p.crops for p in prepared if len(p.crops)]))
+            except CrfiqaError as exc:
+                error = exc
         t2 = time.perf_counter()
-        scores = self.pipeline.quality.score(raw)
-        k = 0
+        offsets = np.cumsum([0, *counts])
+        results = [self.pipeline.finish(p, None if error else raw[a:b], error=error)
+                   for p, a, b in zip(prepared, offsets[:-1], offsets[1:])]
         m = self.metrics
-        for p in prepared:
+        for p, r in zip(prepared, results):
             for stage, seconds in p.timings.items():
                 m.stage_duration.labels(stage).observe(seconds)
-            if p.result.error is not None:
-                m.errors.labels(p.result.error.code).inc()
+            if r.error is not None:
+                m.errors.labels(r.error.code).inc()
                 continue
-            m.faces_per_image.observe(len(p.result.faces))
-            for face in p.result.faces:
-                face.quality = Quality(float(raw[k]), float(scores[k]))
-                m.quality_score.observe(face.quality.score)
-                k += 1
-        timing = {s: round(1000 * sum(p.timings.get(s, 0.0) for p in prepared), 3) for s in ("decode", "detect", "align")}
-        timing["prepare_wall"] = round(1000 * (t1 - t0), 3)
-        timing["quality"] = round(1000 * (t2 - t1), 3)
-        return [p.result for p in prepared], timing
+            m.faces_per_image.observe(len(r.faces))
+            for face in r.faces:
+                if face.quality is not None:
+                    m.quality_score.observe(face.quality.score)
+        timing = {"prepare": round(1000 * (t1 - t0), 3), "quality": round(1000 * (t2 - t1), 3)}
+        return results, timing
 
 
 def _key_ok(request: Request, keys: list[str]) -> bool:
@@ -235,7 +212,7 @@ async def _warm(service: Service) -> None:
     """Warm up off the event loop, then mark the service ready."""
     try:
         await asyncio.get_running_loop().run_in_executor(service.inference, service.warm_up)
-    except Exception:  # noqa: BLE001 - stays not ready, and says why
+    except Exception:
         log.exception("warm-up failed; the service stays not ready")
         return
     service.ready = True
@@ -293,8 +270,8 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         items, key, opts = await _read_images(request, opts, settings.max_images_per_request)
         results, timing = await service.score(items, opts)
         timing["total"] = round(1000 * (time.perf_counter() - t0), 3)
-        q = service.pipeline.quality
-        body = {"model": {"name": q.entry.name, "version": q.entry.version, "provider": q.provider},
+        q = service.pipeline.models()["quality"]
+        body = {"model": {"name": q["name"], "version": q["version"], "provider": q["provider"]},
                 "results": [r.to_dict(key=key, landmarks=opts.return_landmarks) for r in results],
                 "timing_ms": timing}
         return JSONResponse(body)
@@ -302,10 +279,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models(service: ServiceDep) -> dict:
         """The detector and quality model in use: manifest data and execution provider."""
-        p = service.pipeline
-        det_entry = {**p.manifest.get(p.detector_name, "detector").to_dict(), "provider": p.detector.provider}
-        quality = {**p.quality.entry.to_dict(), "provider": p.quality.provider}
-        return {"detector": det_entry, "quality": quality}
+        return service.pipeline.models()
 
     @app.get("/healthz")
     async def healthz() -> dict:

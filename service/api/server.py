@@ -6,12 +6,6 @@ import argparse
 import logging
 import sys
 
-import uvicorn
-from pydantic import ValidationError
-
-from crfiqa.service.api import logs
-from crfiqa.service.settings import Settings
-
 FLAGS = {  # flag -> (setting, type, help); every flag overrides its CRFIQA_* variable
     "--host": ("host", str, "address to bind (CRFIQA_HOST, default 127.0.0.1)"),
     "--port": ("port", int, "port (CRFIQA_PORT, default 8000)"),
@@ -34,7 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Validate settings, then serve until SIGINT/SIGTERM (which drain in-flight requests)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from crfiqa.service.api import logs
     from crfiqa.service.api.app import create_app
+    from crfiqa.service.settings import Settings
 
     overrides = {dest: getattr(args, f"serve_{dest}") for _, (dest, _, _) in FLAGS.items()
                  if getattr(args, f"serve_{dest}", None) is not None}

@@ -10,7 +10,7 @@ import cv2
 from tqdm import tqdm
 
 from crfiqa.service.imaging import list_images
-from crfiqa.service.pipeline import Pipeline, PipelineSettings
+from crfiqa.service.pipeline import Options, Pipeline, PipelineSettings
 from crfiqa.training.data.recordio import write_rec
 
 log = logging.getLogger("crfiqa.prepare")
@@ -26,8 +26,9 @@ def prepare(src: str | Path, out: str | Path, fmt: str = "folder", select: str =
     out.mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []
     records: list[tuple[int, bytes]] = []
-    results = pipe.run([j[2] for j in jobs], score=False, select=select)
-    for (label, name, path), (result, crops) in tqdm(zip(jobs, results), total=len(jobs), unit="img", file=sys.stderr):
+    results = pipe.run([j[2] for j in jobs], Options(select=select), score=False)
+    for (label, name, path), (result, prepared) in tqdm(zip(jobs, results), total=len(jobs), unit="img", file=sys.stderr):
+        crops = prepared.crops
         if not result.ok or len(crops) == 0:
             reason = result.error.code if result.error else "no face"
             log.info("skipped %s: %s", path, reason)

@@ -1,0 +1,1 @@
+"""Shipped training configs (YAML package data)."""

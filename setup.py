@@ -10,6 +10,7 @@ ROOTS = {
     "crfiqa.training": "training",
     "crfiqa.evaluation": "evaluation",
     "crfiqa.models": "models",
+    "crfiqa.curation": "curation",
 }
 
 
@@ -22,4 +23,5 @@ def packages() -> list[str]:
     return found
 
 
-setup(packages=packages(), package_dir=ROOTS)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import ROOTS and packages()
+    setup(packages=packages(), package_dir=ROOTS)

@@ -71,6 +71,10 @@ def test_exif_orientation_applied(gradient: Image.Image) -> None:
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     img = decode_image(_encode(gradient, "JPEG", exif=exif, quality=95))
     assert img.rgb.shape == (64, 48, 3)
+    # Clockwise on display: the stored image's bottom-left corner becomes the top-left one.
+    expected = np.rot90(np.asarray(gradient), k=-1).astype(int)
+    assert np.abs(img.rgb.astype(int) - expected).mean() < 3
+    assert np.abs(img.rgb.astype(int) - np.rot90(np.asarray(gradient), k=1)).mean() > 30  # the wrong way fails
 
 
 def test_empty_input() -> None:

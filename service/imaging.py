@@ -74,8 +74,7 @@ def decode_image(
         try:
             image.load()  # GIF/TIFF/WebP animations: the first frame is the one loaded.
             fmt = image.format
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb8(image)
+            rgb = _to_rgb8(ImageOps.exif_transpose(image))
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
             raise DecodeError(f"corrupt or truncated {image.format} image: {exc}", code="corrupt_image") from exc
     return DecodedImage(rgb=rgb, format=fmt or "")

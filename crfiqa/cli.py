@@ -32,6 +32,8 @@ COMMANDS: list[tuple[str, str, str, str, str]] = [
      "add_evaluate_arguments", "run_evaluate"),
     ("degrade", "write a reproducible cross-quality copy of a dataset", "crfiqa.evaluation.cli",
      "add_degrade_arguments", "run_degrade"),
+    ("curate", "score and filter a dataset on Ray Data, with a report", "crfiqa.curation.cli",
+     "add_curate_arguments", "run_curate"),
 ]
 
 

@@ -60,7 +60,8 @@ def _iterate(args: argparse.Namespace, score: bool, quality: str | None = None):
     paths = list_images(args.paths)
     pipe = _pipeline(args, quality)
     opts = Options(aligned=getattr(args, "aligned", False), resize_aligned=getattr(args, "resize_aligned", False),
-                   select=args.select)
+                   select=args.select,
+                   components=getattr(args, "components", False) or getattr(args, "annotate", None) is not None)
     results = pipe.run(paths, opts, score=score)
     bar = tqdm(results, total=len(paths), unit="img", file=sys.stderr, disable=args.quiet or len(paths) < 2)
     return paths, bar
@@ -106,18 +107,23 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Detect, align and score; JSON lines on stdout, or a CSV/JSONL file with ``--out``."""
+    from crfiqa.service.components import COMPONENT_NAMES
+
     paths, results = _iterate(args, score=True, quality=args.model)
+    annotated = _annotation_targets(paths, args.annotate)
     n_ok = 0
     out_fh = open(args.out, "w", newline="") if args.out else None  # noqa: SIM115
     try:
         writer = None
         if out_fh is not None and args.out.suffix.lower() == ".csv":
             writer = csv.writer(out_fh)
-            writer.writerow(CSV_COLUMNS)
-        for result, _ in results:
+            writer.writerow(CSV_COLUMNS + (list(COMPONENT_NAMES) if args.components else []))
+        for result, prepared in results:
             n_ok += result.ok
+            if annotated is not None and prepared.image is not None:
+                _write_annotation(prepared.image.rgb, result, annotated[result.source])
             if writer is not None:
-                writer.writerows(_csv_rows(result))
+                writer.writerows(_csv_rows(result, args.components))
             else:
                 line = json.dumps(result.to_dict())
                 print(line, file=out_fh or sys.stdout, flush=out_fh is None)
@@ -127,18 +133,42 @@ def cmd_score(args: argparse.Namespace) -> int:
     return _exit_code(n_ok, len(paths))
 
 
-def _csv_rows(result) -> list[list]:
-    """One CSV row per face; an image with no face or an error still gets one row, so nothing is lost."""
+def _csv_rows(result, components: bool = False) -> list[list]:
+    """One CSV row per face; an image with no face or an error still gets one row, so nothing is lost.
+    With ``components``, one more column per component (its native value)."""
+    from crfiqa.service.components import COMPONENT_NAMES
+
     code = result.error.code if result.error else ""
     status = "ok" if result.ok else "error"
+    extra = len(COMPONENT_NAMES) if components else 0
     if not result.faces:
-        return [[result.source, status, code, "", "", "", "", "", "", "", ""]]
+        return [[result.source, status, code, "", "", "", "", "", "", "", "", *([""] * extra)]]
     rows = []
     for k, face in enumerate(result.faces):
         d, q = face.detection, face.quality
+        values = [f"{face.components[n].value:.5g}" if face.components else "" for n in COMPONENT_NAMES[:extra]]
         rows.append([result.source, status, code, k, f"{d.score:.5f}", *(f"{v:.2f}" for v in d.bbox),
-                     f"{q.raw:.6f}" if q else "", f"{q.score:.3f}" if q else ""])
+                     f"{q.raw:.6f}" if q else "", f"{q.score:.3f}" if q else "", *values])
     return rows
+
+
+def _annotation_targets(paths: list[Path], directory: Path | None) -> dict[str, Path] | None:
+    """``DIR/<input's relative path>.jpg`` for each input (None without --annotate)."""
+    if directory is None:
+        return None
+    from crfiqa.service.imaging import mirror_paths
+
+    return {str(p): directory / rel.parent / f"{rel.name}.jpg" for p, rel in zip(paths, mirror_paths(paths))}
+
+
+def _write_annotation(rgb, result, target: Path) -> None:
+    """Draw the faces of one result on its image and write it as JPEG."""
+    import cv2
+
+    from crfiqa.service.annotate import annotate
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(target), cv2.cvtColor(annotate(rgb, result), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -206,6 +236,10 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize-aligned", action="store_true",
                    help="with --aligned: resize inputs that are not 112x112 instead of refusing them (not_aligned)")
     p.add_argument("--out", type=Path, default=None, help="write FILE.csv (one row per face) or FILE.jsonl")
+    p.add_argument("--components", action="store_true",
+                   help="add each face's quality components (pose, sharpness, exposure, ...; docs/components.md)")
+    p.add_argument("--annotate", type=Path, default=None, metavar="DIR",
+                   help="also write each input to DIR with boxes, landmarks, score and weakest component drawn")
 
 
 def add_models_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from crfiqa.service.align import ALIGNED_SIZE, ARCFACE_TEMPLATE, align_face, as_aligned
+from crfiqa.service.components import face_components
 from crfiqa.service.detect import Detector, DetectorSettings, create_detector
 from crfiqa.service.detect.base import select_one
 from crfiqa.service.errors import CrfiqaError
@@ -29,7 +30,7 @@ from crfiqa.service.imaging import (
     read_image,
 )
 from crfiqa.service.registry import Manifest, resolve
-from crfiqa.service.results import Detection, FaceResult, ImageResult, Quality
+from crfiqa.service.results import Component, Detection, FaceResult, ImageResult, Quality
 from crfiqa.service.runtime import DEFAULT_PROVIDERS
 
 #: An input of ``prepare``: a path, a (name, encoded bytes) pair or a (name, decoded image) pair.
@@ -61,6 +62,7 @@ class Options:
     resize_aligned: bool = False  # with ``aligned``: accept other sizes and resize them (else ``not_aligned``)
     select: str | None = None  # center, largest, score: keep the one face an image of one subject is about
     detection: DetectorSettings | None = None  # None: the pipeline's detector settings
+    components: bool = False  # also compute each face's quality components (service/components.py)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Prepared:
     crops: np.ndarray = field(default_factory=lambda: NO_CROPS)
     error: CrfiqaError | None = None
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    components: list[dict[str, Component]] = field(default_factory=list)  # per face, with Options.components
 
 
 class Pipeline:
@@ -144,6 +147,9 @@ class Pipeline:
             prepared.timings["decode"] = t1 - t0
             if opts.aligned:
                 prepared.detections, prepared.crops = _as_aligned_face(image, opts.resize_aligned)
+                if opts.components:
+                    prepared.components = [face_components(image.rgb, prepared.detections[0],
+                                                           prepared.crops[0])]
                 return prepared
             dets = self.detect(image.rgb, opts.detection)
             if opts.select:
@@ -153,7 +159,11 @@ class Pipeline:
             prepared.detections = dets
             if dets:
                 prepared.crops = np.stack([align_face(image.rgb, d.landmarks) for d in dets])
-            prepared.timings["align"] = time.perf_counter() - t2
+            t3 = time.perf_counter()
+            prepared.timings["align"] = t3 - t2
+            if opts.components:
+                prepared.components = [face_components(image.rgb, d, c) for d, c in zip(dets, prepared.crops)]
+                prepared.timings["components"] = time.perf_counter() - t3
         except CrfiqaError as exc:
             prepared.error = exc
         return prepared
@@ -176,6 +186,8 @@ class Pipeline:
         if error is not None:
             return ImageResult(prepared.source, error=error, width=width, height=height)
         faces = [FaceResult(d) for d in prepared.detections]
+        for face, components in zip(faces, prepared.components):
+            face.components = components
         if raw is not None:
             if len(raw) != len(faces):
                 raise ValueError(f"{len(raw)} quality values for {len(faces)} faces")

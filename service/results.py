@@ -45,18 +45,36 @@ class Quality:
         return {"raw": round(self.raw, 6), "score": round(self.score, 3)}
 
 
+@dataclass(frozen=True)
+class Component:
+    """One quality component (docs/components.md): a native ``value`` in ``unit`` and, where a mapping is
+    defined, a 0-100 ``score`` (higher = better; None where no mapping is defined)."""
+
+    value: float
+    unit: str
+    score: float | None = None
+
+    def to_dict(self) -> dict:
+        """JSON form: ``{"value", "unit", "score"}``."""
+        return {"value": round(self.value, 5), "unit": self.unit,
+                "score": None if self.score is None else round(self.score, 2)}
+
+
 @dataclass
 class FaceResult:
-    """One face: its detection and (when scored) its quality."""
+    """One face: its detection, (when scored) its quality and (when asked for) its quality components."""
 
     detection: Detection
     quality: Quality | None = None
+    components: dict[str, Component] | None = None
 
     def to_dict(self, landmarks: bool = True) -> dict:
         """JSON form shared by ``crfiqa score`` and ``POST /v1/quality``."""
         out = self.detection.to_dict(landmarks)
         if self.quality is not None:
             out["quality"] = self.quality.to_dict()
+        if self.components is not None:
+            out["components"] = {name: c.to_dict() for name, c in self.components.items()}
         return out
 
 

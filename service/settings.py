@@ -27,14 +27,27 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, gt=0, description="most images in one request")
     max_image_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0, description="largest encoded image, bytes")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="largest decoded image, pixels")
+    max_faces_per_image: int = Field(100, gt=0, le=1000, description="most faces kept per image, best first")
     max_batch_size: int = Field(32, gt=0, le=1024, description="most faces in one quality inference")
     max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000, description="longest wait to fill a batch, ms")
     max_queue_size: int = Field(1024, gt=0, description="most faces waiting for inference before 503")
     worker_threads: int = Field(2, gt=0, le=256, description="threads for decoding, detection and alignment")
     inference_threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session (0 = all cores)")
     warmup_rounds: int = Field(2, ge=1, le=100_000, description="warm-up inferences per batch size before ready")
-    api_keys: str = Field("", description="comma-separated API keys; empty = no authentication")
+    api_keys: str = Field("", description="comma-separated API keys; empty (and no keys file) = no authentication")
+    api_keys_file: Path | None = Field(None, description="file of API keys, one per line (# comments); re-read "
+                                       "on SIGHUP or when it changes; when set, authentication is on")
     metrics_require_key: bool = Field(False, description="require an API key on /metrics too")
+    rate_limit_per_s: float = Field(0.0, ge=0, description="requests per second per API key (token bucket; 0 = off)")
+    rate_limit_burst: int = Field(10, gt=0, description="token bucket size: requests a key may send at once")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS ('*' = any); empty = CORS off")
+    limit_concurrency: int = Field(256, gt=0, description="most requests in flight; more get 503 + Retry-After")
+    header_timeout_s: float = Field(10.0, gt=0, description="a client must send its request headers within this")
+    body_timeout_s: float = Field(60.0, gt=0, description="a client must send its whole request body within this")
+    keep_alive_s: int = Field(5, gt=0, description="idle keep-alive connections are closed after this")
+    inference_timeout_s: float = Field(30.0, gt=0, description="a batch running longer marks the service not ready")
+    inference_stall_exit_s: float = Field(300.0, ge=0, description="a batch stuck this long exits the process "
+                                          "(code 70) for a restart; 0 = never")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0 = any free port)")
     log_level: str = Field("info", description="debug, info, warning or error")
@@ -55,8 +68,13 @@ class Settings(BaseSettings):
 
     @property
     def key_list(self) -> list[str]:
-        """API keys as a list (empty: authentication off)."""
+        """The inline API keys (``CRFIQA_API_KEYS``) as a list."""
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def cors_list(self) -> list[str]:
+        """CORS origins as a list (empty: CORS off)."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def pipeline_settings(self) -> PipelineSettings:
         """The pipeline these settings describe."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
-from crfiqa.service.errors import CrfiqaError
+from crfiqa.service.errors import CrfiqaError, InferenceError
 
 
 class QueueFullError(CrfiqaError):
@@ -45,10 +46,34 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._carry: _Item | None = None
         self._task: asyncio.Task | None = None
+        self.running_since: float | None = None  # time.monotonic() when the running batch started
+
+    @property
+    def alive(self) -> bool:
+        """The collector task is running (it ends only on ``stop`` or a bug)."""
+        return self._task is not None and not self._task.done()
+
+    def stall_s(self) -> float:
+        """How long the batch now running has run (0 when none is)."""
+        since = self.running_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def start(self) -> None:
         """Start the collector on the running loop."""
         self._task = asyncio.get_running_loop().create_task(self._collect())
+
+    def restart(self) -> None:
+        """Start a new collector after the old one ended unexpectedly; the requests it held fail (typed)."""
+        error = InferenceError("the inference worker stopped and was restarted; retry the request")
+        items = [self._carry] if self._carry is not None else []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        for it in items:
+            if not it.future.done():
+                it.future.set_exception(error)
+        self._carry, self.pending, self.running_since = None, 0, None
+        self.on_depth(0)
+        self.start()
 
     async def stop(self) -> None:
         """Answer what is queued, then stop the collector."""
@@ -91,7 +116,7 @@ class DynamicBatcher:
             while size < self.max_batch_size:
                 try:
                     item = await self._next(max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if size + len(item.crops) > self.max_batch_size:
                     self._carry = item  # keep it for the next batch rather than overfill this one
@@ -108,14 +133,18 @@ class DynamicBatcher:
             if live:
                 batch = np.concatenate([it.crops for it in live])
                 self.on_batch(len(batch))
-                values = await loop.run_in_executor(self.executor, self._chunked, batch)
+                self.running_since = time.monotonic()
+                try:
+                    values = await loop.run_in_executor(self.executor, self._chunked, batch)
+                finally:
+                    self.running_since = None
                 offset = 0
                 for it in live:
                     n = len(it.crops)
                     if not it.future.done():
                         it.future.set_result(values[offset:offset + n])
                     offset += n
-        except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
+        except Exception as exc:
             for it in live:
                 if not it.future.done():
                     it.future.set_exception(exc)

@@ -43,6 +43,10 @@ class Metrics:
                               registry=r)
         self.model_info = Gauge("crfiqa_model_info", "Models in use (value 1)",
                                 ["name", "version", "provider", "role"], registry=r)
+        self.key_requests = Counter("crfiqa_api_key_requests_total",
+                                    "Authenticated requests by API key (key_id: a short hash, never the key)",
+                                    ["key_id"], registry=r)
+        self.in_flight = Gauge("crfiqa_requests_in_flight", "HTTP requests being served", registry=r)
         self.ready = Gauge("crfiqa_ready", "1 once models are loaded and warmed up", registry=r)
 
     def render(self) -> bytes:

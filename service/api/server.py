@@ -33,6 +33,7 @@ def main(args: argparse.Namespace) -> int:
 
     from crfiqa.service.api import logs
     from crfiqa.service.api.app import create_app
+    from crfiqa.service.api.protocol import timed_protocol
     from crfiqa.service.settings import Settings
 
     overrides = {dest: getattr(args, f"serve_{dest}") for _, (dest, _, _) in FLAGS.items()
@@ -43,9 +44,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"crfiqa serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    # The in-flight limit is the app's (503 + Retry-After, probes exempt), not uvicorn's limit_concurrency
+    # (a bare 503 that also counts idle keep-alive connections); slow clients meet the header timeout.
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="on", timeout_graceful_shutdown=settings.graceful_timeout_s,
-                            server_header=False)
+                            server_header=False, http=timed_protocol(settings.header_timeout_s),
+                            timeout_keep_alive=settings.keep_alive_s)
     server = uvicorn.Server(config)
     server.run()
     # uvicorn exits the process itself when lifespan start-up fails (e.g. a missing model); a clean

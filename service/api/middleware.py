@@ -1,0 +1,117 @@
+"""ASGI middlewares: request id + access log + request metrics, the in-flight limit, the body limit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from crfiqa.service.api.errors import RequestError, error_response
+from crfiqa.service.api.logs import request_id
+
+log = logging.getLogger("crfiqa.api")
+ENDPOINTS = frozenset({"/v1/quality", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+#: Probes and scrapes: logged at debug, never refused by the in-flight limit.
+QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
+
+Scope = dict[str, Any]
+
+
+def _service(scope: Scope) -> Any:
+    app = scope.get("app")
+    return getattr(app.state, "service", None) if app is not None else None
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` (at once by Content-Length, else while streaming, so the read stops
+    there) and bodies that take longer than ``timeout_s`` to arrive (408)."""
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = error_response("body_too_large", f"body over the limit of {self.max_bytes} bytes")
+            return await response(scope, receive, send)
+        seen = 0
+        deadline = time.monotonic() + self.timeout_s
+
+        async def limited() -> dict:
+            nonlocal seen
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise RequestError(f"request body not received within {self.timeout_s:g} s",
+                                   code="request_timeout") from None
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise RequestError(f"body over the limit of {self.max_bytes} bytes", code="body_too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class InFlightLimit:
+    """At most ``limit`` requests in flight (probes excepted); more are answered 503 + Retry-After at once."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in QUIET:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            response = error_response("overloaded", f"{self.in_flight} requests in flight; the limit is {self.limit}")
+            return await response(scope, receive, send)
+        self.in_flight += 1
+        service = _service(scope)
+        if service is not None:
+            service.metrics.in_flight.set(self.in_flight)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if service is not None:
+                service.metrics.in_flight.set(self.in_flight)
+
+
+class Observe:
+    """Request id (X-Request-ID in and out), access log and request metrics for every HTTP request."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        token = request_id.set(rid)
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - t0
+            path = scope.get("path", "")
+            endpoint = path if path in ENDPOINTS else "other"
+            service = _service(scope)
+            if service is not None:
+                service.metrics.requests.labels(endpoint, str(status["code"])).inc()
+                service.metrics.request_duration.labels(endpoint).observe(elapsed)
+            log.log(logging.DEBUG if path in QUIET else logging.INFO, "request",
+                    extra={"method": scope.get("method"), "path": path, "status": status["code"],
+                           "duration_ms": round(1000 * elapsed, 2)})
+            request_id.reset(token)

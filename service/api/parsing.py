@@ -1,0 +1,100 @@
+"""Request parsing, in one place: the images of a multipart or JSON body and the effective options.
+
+Pure functions where possible (``parse_json``, ``decode_data``) so they can be fuzzed without a server."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from crfiqa.service.api.errors import RequestError, describe
+from crfiqa.service.api.schemas import Options, QualityRequest
+from crfiqa.service.errors import CrfiqaError
+
+MAX_FORM_FIELDS = 100
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One image of a request: its result ``id``, the multipart file name, the bytes or base64 text."""
+
+    id: str
+    data: bytes | str
+    filename: str | None = None
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed request: its images and the options (body fields over query parameters)."""
+
+    uploads: list[Upload]
+    options: Options
+
+
+def decode_data(data: bytes | str) -> bytes:
+    """The bytes of an upload: multipart bytes as they are, JSON base64 text decoded (``invalid_base64``)."""
+    if isinstance(data, bytes):
+        return data
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CrfiqaError("image data is not valid base64", code="invalid_base64") from exc
+
+
+def _check_count(n: int, limit: int) -> None:
+    if n > limit:
+        raise RequestError(f"{n} images; the limit is {limit}", code="too_many_images")
+
+
+def parse_json(body: bytes, query: Options, limit: int) -> Parsed:
+    """A JSON body: validated ``QualityRequest``; the options it sets override the query's."""
+    try:
+        req = QualityRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestError(describe(exc.errors()), code="validation_error") from exc
+    _check_count(len(req.images), limit)
+    opts = query.model_copy(update={k: getattr(req, k) for k in Options.model_fields if k in req.model_fields_set})
+    uploads = [Upload(img.id if img.id is not None else f"image{i}", img.data) for i, img in enumerate(req.images)]
+    return Parsed(uploads, opts)
+
+
+async def parse_multipart(request: Request, query: Options, limit: int) -> Parsed:
+    """A multipart body: every ``images`` field must be a file; options come from the query."""
+    try:
+        form = await request.form(max_files=limit + 1, max_fields=MAX_FORM_FIELDS)
+    except CrfiqaError:
+        raise  # the body limit, raised while streaming
+    except Exception as exc:  # starlette raises its own errors on malformed multipart bodies
+        raise RequestError(f"malformed multipart body: {exc}", code="validation_error") from exc
+    try:
+        files = form.getlist("images")
+        if not files:
+            raise RequestError("images: at least one file is required in field 'images'", code="validation_error")
+        _check_count(len(files), limit)
+        uploads: list[Upload] = []
+        for i, f in enumerate(files):
+            if not isinstance(f, UploadFile):
+                raise RequestError("images: every 'images' field must be a file upload", code="validation_error")
+            name = f.filename or f"image{i}"
+            uploads.append(Upload(name, await f.read(), filename=f.filename or None))
+        return Parsed(uploads, query)
+    finally:
+        await form.close()
+
+
+async def read_request(request: Request, query: Options, limit: int) -> Parsed:
+    """The request's images and options, by content type (JSON is validated off the event loop)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await parse_multipart(request, query, limit)
+    if ctype == "application/json":
+        body = await request.body()
+        return await run_in_threadpool(parse_json, body, query, limit)
+    raise RequestError(f"content type {ctype or '(none)'} not supported: use multipart/form-data or "
+                       "application/json", code="unsupported_media_type")

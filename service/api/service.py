@@ -1,0 +1,192 @@
+"""The Service: a thin adapter over the pipeline's stages for HTTP requests. ``Pipeline.prepare`` runs in a
+worker thread pool, the DynamicBatcher batches ``Pipeline.score`` across requests in one inference thread,
+``Pipeline.finish`` builds each result; a watchdog turns a stalled inference into not-ready."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from crfiqa.service.api.batching import DynamicBatcher, QueueFullError
+from crfiqa.service.api.errors import RequestError
+from crfiqa.service.api.keys import KeyStore, RateLimiter
+from crfiqa.service.api.metrics import Metrics
+from crfiqa.service.api.parsing import Upload, decode_data
+from crfiqa.service.api.schemas import Options
+from crfiqa.service.errors import CrfiqaError
+from crfiqa.service.pipeline import Options as PipelineOptions
+from crfiqa.service.pipeline import Pipeline, Prepared
+from crfiqa.service.results import ImageResult
+from crfiqa.service.settings import Settings
+
+log = logging.getLogger("crfiqa.api")
+STALL_EXIT_CODE = 70  # EX_SOFTWARE: the orchestrator restarts the process
+
+
+@dataclass
+class Scored:
+    """The results of one request's images and the wall time of its stages, seconds."""
+
+    results: list[ImageResult]
+    prepare_s: float
+    quality_s: float
+
+
+class Service:
+    """Models, thread pools, the batcher, keys and readiness of one app instance."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.keys = KeyStore(settings.key_list, settings.api_keys_file)
+        self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        self.pipeline = Pipeline(settings.pipeline_settings())
+        self.workers = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="crfiqa-prep")
+        self.inference = ThreadPoolExecutor(1, thread_name_prefix="crfiqa-quality")
+        self.batcher = DynamicBatcher(
+            self._infer, self.inference, settings.max_batch_size, settings.max_queue_delay_ms / 1000,
+            settings.max_queue_size, on_batch=self.metrics.batch_size.observe, on_depth=self.metrics.queue_depth.set)
+        self.warmed = False
+        self.stalled = False
+
+    @property
+    def ready(self) -> bool:
+        """Warmed up, the batcher running and no batch stuck past ``inference_timeout_s``."""
+        return self.warmed and not self.stalled and self.batcher.alive
+
+    def check_ready(self) -> None:
+        """Raise the typed 503 that says why the service is not ready."""
+        if not self.warmed:
+            raise RequestError("models are still warming up", code="not_ready")
+        if self.stalled or not self.batcher.alive:
+            raise RequestError(f"quality inference has been running for {self.batcher.stall_s():.0f} s",
+                               code="inference_stalled")
+
+    def load(self) -> None:
+        """Verify (sha256) and open both models; raises a clear ``ModelError`` when one is missing or wrong.
+
+        Opening a model through the pipeline resolves and verifies it, so each file is hashed once."""
+        for role, info in self.pipeline.models().items():
+            self.metrics.model_info.labels(info["name"], info["version"], info["provider"], role).set(1)
+
+    def warm_up(self) -> None:
+        """Run every batch size the batcher can form (the CUDA arena grows to the largest seen) and the detector."""
+        sizes = sorted({min(2 ** k, self.settings.max_batch_size) for k in range(11)})
+        crops = np.zeros((self.settings.max_batch_size, 112, 112, 3), np.uint8)
+        blank = np.zeros((self.settings.det_size, self.settings.det_size, 3), np.uint8)
+        for _ in range(self.settings.warmup_rounds):
+            self.pipeline.detect(blank)
+            for n in sizes:
+                self._infer(crops[:n])
+
+    async def warm(self) -> None:
+        """Warm up in the inference thread, then mark the service ready (a failure leaves it not ready)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.inference, self.warm_up)
+        except Exception:
+            log.exception("warm-up failed; the service stays not ready")
+            return
+        self.warmed = True
+        self.metrics.ready.set(1)
+        log.info("ready")
+
+    async def watch(self, every_s: float = 0.1) -> None:
+        """Watchdog: a batch running past ``inference_timeout_s`` makes the service not ready until it ends;
+        past ``inference_stall_exit_s`` the process exits (its thread cannot be freed); a dead batcher restarts."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(every_s)
+            if not self.batcher.alive:
+                log.error("the batcher stopped unexpectedly; restarting it")
+                self.batcher.restart()
+            stall = self.batcher.stall_s()
+            if stall > s.inference_timeout_s and not self.stalled:
+                log.error("quality inference stalled: not ready", extra={"stall_s": round(stall, 1)})
+            elif stall <= s.inference_timeout_s and self.stalled:
+                log.info("quality inference recovered: ready again")
+            self.stalled = stall > s.inference_timeout_s
+            self.metrics.ready.set(1 if self.ready else 0)
+            if s.inference_stall_exit_s and stall > s.inference_stall_exit_s:
+                log.critical("quality inference stuck; exiting for a restart", extra={"stall_s": round(stall, 1)})
+                logging.shutdown()
+                os._exit(STALL_EXIT_CODE)  # a stuck thread cannot be joined: no clean exit is possible
+
+    def close(self) -> None:
+        """Stop the thread pools (after the batcher has stopped)."""
+        self.workers.shutdown(wait=True)
+        self.inference.shutdown(wait=True)
+
+    def _infer(self, crops: np.ndarray) -> np.ndarray:
+        """The pipeline's batch function on one batch (runs in the inference thread)."""
+        t = time.perf_counter()
+        raw = self.pipeline.score(crops)
+        self.metrics.stage_duration.labels("quality").observe(time.perf_counter() - t)
+        return raw
+
+    def options(self, opts: Options) -> PipelineOptions:
+        """The pipeline options of a request's options."""
+        if opts.aligned:
+            return PipelineOptions(aligned=True)
+        cap = self.settings.max_faces_per_image  # bounds the work one image can cause
+        det = self.pipeline.detection_settings(max_faces=min(opts.max_faces or cap, cap),
+                                               min_face_size=opts.min_face_size,
+                                               score_threshold=opts.det_threshold)
+        return PipelineOptions(select=opts.select, detection=det)
+
+    def prepare(self, upload: Upload, opts: PipelineOptions) -> Prepared:
+        """The pipeline's prepare stage for one uploaded image (base64 decoded first); never raises."""
+        try:
+            data = decode_data(upload.data)
+        except CrfiqaError as exc:
+            return Prepared(upload.id, error=exc)
+        return self.pipeline.prepare((upload.id, data), opts)
+
+    async def score(self, uploads: list[Upload], opts: Options) -> Scored:
+        """Prepare images in parallel worker threads, score all their faces in one batcher submission,
+        finish each; a failed batch fails the images that had faces in it (typed, per image)."""
+        loop = asyncio.get_running_loop()
+        popts = self.options(opts)
+        t0 = time.perf_counter()
+        prepared = await asyncio.gather(*(loop.run_in_executor(self.workers, self.prepare, u, popts)
+                                          for u in uploads))
+        t1 = time.perf_counter()
+        counts = [len(p.crops) for p in prepared]
+        if sum(counts) > self.settings.max_queue_size:
+            raise RequestError(f"{sum(counts)} faces; the inference queue holds at most "
+                               f"{self.settings.max_queue_size}: send fewer images per request",
+                               code="too_many_faces")
+        error: CrfiqaError | None = None
+        raw = np.zeros(0)
+        if sum(counts):
+            try:
+                raw = await self.batcher.submit(np.concatenate([p.crops for p in prepared if len(p.crops)]))
+            except QueueFullError:
+                raise  # a whole-request 503
+            except CrfiqaError as exc:
+                error = exc
+        t2 = time.perf_counter()
+        offsets = np.cumsum([0, *counts])
+        results = [self.pipeline.finish(p, None if error else raw[a:b], error=error)
+                   for p, a, b in zip(prepared, offsets[:-1], offsets[1:])]
+        self._observe(prepared, results)
+        return Scored(results, t1 - t0, t2 - t1)
+
+    def _observe(self, prepared: list[Prepared], results: list[ImageResult]) -> None:
+        """Per-image stage times, errors, faces and scores into the metrics."""
+        m = self.metrics
+        for p, r in zip(prepared, results):
+            for stage, seconds in p.timings.items():
+                m.stage_duration.labels(stage).observe(seconds)
+            if r.error is not None:
+                m.errors.labels(r.error.code).inc()
+                continue
+            m.faces_per_image.observe(len(r.faces))
+            for face in r.faces:
+                if face.quality is not None:
+                    m.quality_score.observe(face.quality.score)

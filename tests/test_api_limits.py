@@ -1,0 +1,258 @@
+"""Limits under abuse, against a real server: bodies past the limit, slow clients, too many requests in flight,
+too many faces, out-of-range options; API keys from a file, per-key metrics and rate limits; CORS."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from crfiqa.service.api.keys import key_id
+from tests.helpers import SAMPLES
+from tests.server import Server
+from tests.test_api import metric
+
+BODY_LIMIT = 2_000_000
+HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 3.0
+IN_FLIGHT = 4
+QUEUE = 8  # faces
+BURST = 20
+RATE = 5.0  # tokens a second: the other tests' requests with key-a stay well inside it
+ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keys"
+    path.write_text("# mounted secret\nkey-a\n\nkey-limited  # rate-limit test\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, keys_file: Path):
+    log = tmp_path_factory.mktemp("limits") / "server.log"
+    srv = Server(env={"CRFIQA_API_KEYS_FILE": str(keys_file), "CRFIQA_MAX_BODY_BYTES": str(BODY_LIMIT),
+                      "CRFIQA_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT), "CRFIQA_BODY_TIMEOUT_S": str(BODY_TIMEOUT),
+                      "CRFIQA_LIMIT_CONCURRENCY": str(IN_FLIGHT), "CRFIQA_MAX_QUEUE_SIZE": str(QUEUE),
+                      "CRFIQA_RATE_LIMIT_PER_S": str(RATE), "CRFIQA_RATE_LIMIT_BURST": str(BURST),
+                      "CRFIQA_CORS_ORIGINS": ORIGIN, "CRFIQA_WARMUP_ROUNDS": "1"}, log=log)
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one HTTP/1.1 response with Content-Length."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True when the server closes the connection (EOF or reset) within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def request_head(path: str, extra: str = "", key: str = "key-a") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n{extra}\r\n".encode()
+
+
+def test_chunked_body_past_the_limit_is_refused_and_not_read(server: Server) -> None:
+    """No Content-Length: the limit applies while streaming, and the server stops reading there."""
+    sock = connect(server)
+    sock.sendall(request_head("/v1/quality", "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"))
+    chunk = b"x" * 100_000
+    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    intended, sent = 50 * BODY_LIMIT, 0
+    while sent < intended:
+        readable, writable, _ = select.select([sock], [sock], [], 2.0)
+        if readable or not writable:  # answered, or the server stopped reading and the buffers are full
+            break
+        sock.sendall(framed)
+        sent += len(chunk)
+    # What the kernel buffers hold on both sides is a few MB at most: far from everything we meant to send.
+    assert sent < intended / 4, sent
+    status, headers, body = read_response(sock)
+    assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
+    assert headers["connection"] == "close" and closed_by_server(sock)
+
+
+def test_content_length_past_the_limit_is_refused_before_reading(server: Server) -> None:
+    r = httpx.post(server.url + "/v1/quality", content=b"{}" * (BODY_LIMIT // 2 + 10),
+                   headers={"X-API-Key": "key-a", "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_slow_headers_time_out(server: Server) -> None:
+    """Slowloris: headers trickled one byte at a time; and a connection that sends nothing."""
+    sock = connect(server)
+    t0 = time.monotonic()
+    for byte in b"POST /v1/quality HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200:
+        sock.sendall(bytes([byte]))
+        if select.select([sock], [], [], 0.1)[0]:  # the server answered: stop sending
+            break
+    status, _, body = read_response(sock)
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert time.monotonic() - t0 < HEADER_TIMEOUT + 3 and closed_by_server(sock)
+    idle = connect(server)
+    t0 = time.monotonic()
+    assert read_response(idle)[0] == 408 and closed_by_server(idle)
+    assert HEADER_TIMEOUT - 0.2 < time.monotonic() - t0 < HEADER_TIMEOUT + 3
+
+
+def test_slow_body_times_out(server: Server) -> None:
+    sock = connect(server)
+    sock.sendall(request_head("/v1/quality", "Content-Type: application/json\r\nContent-Length: 1000\r\n") + b"{")
+    t0 = time.monotonic()
+    status, _, body = read_response(sock, timeout=BODY_TIMEOUT + 10)
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert BODY_TIMEOUT - 0.5 < time.monotonic() - t0 < BODY_TIMEOUT + 5 and closed_by_server(sock)
+
+
+def test_more_requests_in_flight_than_the_limit_get_503(server: Server) -> None:
+    """IN_FLIGHT slow uploads hold every slot: the next request gets 503 + Retry-After, probes still answer,
+    and once the slots free up requests succeed again."""
+    holders = []
+    for _ in range(IN_FLIGHT):
+        s = connect(server)
+        s.sendall(request_head("/v1/quality", "Content-Type: application/json\r\nContent-Length: 1000\r\n"))
+        holders.append(s)
+    time.sleep(0.3)
+    try:
+        r = httpx.get(server.url + "/v1/models", headers={"X-API-Key": "key-a"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        assert int(r.headers["retry-after"]) >= 1
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        assert httpx.get(server.url + "/readyz").status_code == 200
+    finally:
+        for s in holders:
+            s.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/v1/models", headers={"X-API-Key": "key-a"}).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_more_faces_than_the_queue_holds_is_413(server: Server) -> None:
+    """t1.jpg has 6 faces; two copies are 12 > the queue's 8: a 503 retry could never succeed."""
+    files = [("images", ("t1.jpg", (SAMPLES / "t1.jpg").read_bytes()))] * 2
+    r = httpx.post(server.url + "/v1/quality", files=files, headers={"X-API-Key": "key-a"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_faces", r.text
+    r = httpx.post(server.url + "/v1/quality", files=files[:1], headers={"X-API-Key": "key-a"}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["results"][0]["faces"]) == 6
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_faces", -1), ("max_faces", 1001), ("min_face_size", -1),
+                                              ("min_face_size", 1e6), ("det_threshold", 0.0)])
+def test_options_out_of_range_are_422_naming_the_field(server: Server, field: str, value: float) -> None:
+    url, headers = server.url + "/v1/quality", {"X-API-Key": "key-a"}
+    files = [("images", ("t.png", (SAMPLES / "Tom_Hanks_54745.png").read_bytes()))]
+    for r in (httpx.post(url, files=files, params={field: value}, headers=headers),
+              httpx.post(url, json={"images": [{"data": "AAAA"}], field: value}, headers=headers)):
+        assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+        assert r.json()["error"]["message"].startswith(field), r.text
+
+
+def test_keys_file_is_reread_on_change_and_sighup(server: Server, keys_file: Path) -> None:
+    def status(key: str) -> int:
+        return httpx.get(server.url + "/v1/models", headers={"X-API-Key": key}).status_code
+
+    assert status("key-a") == 200 and status("key-b") == 401 and status("") == 401
+    keys_file.write_text("key-a\nkey-b\nkey-limited\n")  # a change: picked up within about a second
+    deadline = time.monotonic() + 10
+    while status("key-b") != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    keys_file.write_text("key-b\nkey-limited\nkey-c\n")
+    server.proc.send_signal(signal.SIGHUP)  # re-read now
+    time.sleep(0.3)
+    assert status("key-c") == 200 and status("key-a") == 401
+    keys_file.write_text("key-a\nkey-b\nkey-limited\n")
+    server.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    assert status("key-a") == 200 and server.proc.poll() is None
+    # Metrics count requests per key under a short hash; no key appears in the metrics or the log.
+    text = httpx.get(server.url + "/metrics").text
+    assert f'crfiqa_api_key_requests_total{{key_id="{key_id("key-a")}"}}' in text
+    log = server.log_path.read_text() if server.log_path else ""
+    assert "API keys loaded" in log
+    for key in ("key-a", "key-b", "key-c", "key-limited"):
+        assert key not in text and key not in log
+
+
+def test_rate_limit_per_key(server: Server) -> None:
+    """A token bucket per key: BURST requests at once, then 429 + Retry-After; other keys are unaffected."""
+    with httpx.Client(headers={"X-API-Key": "key-limited"}) as client:  # one connection: fast requests
+        codes = [client.get(server.url + "/v1/models") for _ in range(BURST + 15)]
+    assert [r.status_code for r in codes[:BURST]] == [200] * BURST
+    limited = [r for r in codes[BURST:] if r.status_code == 429]
+    assert limited and limited[0].json()["error"]["code"] == "rate_limited"
+    assert int(limited[0].headers["retry-after"]) >= 1
+    assert httpx.get(server.url + "/v1/models", headers={"X-API-Key": "key-a"}).status_code == 200
+    time.sleep(1.5 / RATE)  # a token comes back
+    assert httpx.get(server.url + "/v1/models", headers={"X-API-Key": "key-limited"}).status_code == 200
+    assert metric(server, "crfiqa_errors_total", 'code="rate_limited"') >= len(limited)
+
+
+def test_cors_when_configured(server: Server) -> None:
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"}
+    r = httpx.options(server.url + "/v1/quality", headers={"Origin": ORIGIN, **pre})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.options(server.url + "/v1/quality", headers={"Origin": "https://evil.example", **pre})
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(server.url + "/v1/models", headers={"Origin": ORIGIN, "X-API-Key": "key-a"})
+    assert r.headers["access-control-allow-origin"] == ORIGIN and "x-request-id" in r.headers[
+        "access-control-expose-headers"].lower()
+
+
+def test_concurrent_abuse_leaves_the_server_healthy(server: Server) -> None:
+    """Slow and oversized clients at once do not stop a normal request from succeeding."""
+    def slow() -> None:
+        s = connect(server)
+        try:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost")
+            time.sleep(HEADER_TIMEOUT + 0.5)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=slow) for _ in range(20)]
+    for t in threads:
+        t.start()
+    r = httpx.post(server.url + "/v1/quality", files=[("images", ("t1.jpg", (SAMPLES / "t1.jpg").read_bytes()))],
+                   headers={"X-API-Key": "key-a"}, timeout=60)
+    for t in threads:
+        t.join()
+    assert r.status_code == 200 and len(r.json()["results"][0]["faces"]) == 6

@@ -13,11 +13,11 @@ from crfiqa.service.api.schemas import QualityRequest
 from crfiqa.service.settings import Settings
 
 REF = "#/components/schemas/{model}"
-SECURED = ("/v1/quality", "/v1/models")
 
 
 def build(app: FastAPI, settings: Settings, keys_enabled: bool) -> dict[str, Any]:
-    """The document for ``app`` (cached on it, like FastAPI's own)."""
+    """The document for ``app`` (cached on it, like FastAPI's own). Routes need nothing here: a body from
+    ``parsing.BODY_DOC`` gets its limit, an ``authenticate`` dependency its security."""
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -25,14 +25,17 @@ def build(app: FastAPI, settings: Settings, keys_enabled: bool) -> dict[str, Any
     _, defs = models_json_schema([(QualityRequest, "validation")], ref_template=REF)
     schemas.update(defs.get("$defs", {}))
     schemas["QualityRequest"]["properties"]["images"]["maxItems"] = settings.max_images_per_request
-    body = doc["paths"]["/v1/quality"]["post"]["requestBody"]["content"]
-    body["multipart/form-data"]["schema"]["properties"]["images"]["maxItems"] = settings.max_images_per_request
-    security = doc["components"].get("securitySchemes", {})
+    schemes = doc["components"].get("securitySchemes", {})
     for path, item in doc["paths"].items():
         for op in item.values():
-            op.pop("security", None)
-            if keys_enabled and (path in SECURED or (path == "/metrics" and settings.metrics_require_key)):
-                op["security"] = [{name: []} for name in security]
+            form = op.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
+            images = form.get("schema", {}).get("properties", {}).get("images")
+            if images is not None:
+                images["maxItems"] = settings.max_images_per_request
+            if not keys_enabled:
+                op.pop("security", None)
+            elif path == "/metrics" and settings.metrics_require_key:
+                op["security"] = [{name: []} for name in schemes]
     if not keys_enabled:
         doc["components"].pop("securitySchemes", None)
     app.openapi_schema = doc

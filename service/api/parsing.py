@@ -14,10 +14,23 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from crfiqa.service.api.errors import RequestError, describe
-from crfiqa.service.api.schemas import Options, QualityRequest
+from crfiqa.service.api.schemas import EXAMPLE_PNG, Options, QualityRequest
 from crfiqa.service.errors import CrfiqaError
 
 MAX_FORM_FIELDS = 100
+
+#: The OpenAPI ``requestBody`` of what ``read_request`` reads (``openapi_extra`` of a route that calls it):
+#: ``QualityRequest`` is put into the components and ``maxItems`` set from the settings by ``openapi.build``.
+BODY_DOC = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {
+        "schema": {"type": "object", "required": ["images"], "properties": {"images": {
+            "type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+            "description": "one or more image files (JPEG, PNG, WebP, BMP, TIFF, GIF, PGM); options are query "
+                           "parameters"}}},
+        "encoding": {"images": {"contentType": "application/octet-stream, image/*"}}},
+    "application/json": {"schema": {"$ref": "#/components/schemas/QualityRequest"},
+                         "example": {"images": [{"data": EXAMPLE_PNG, "id": "face-1"}], "aligned": True}},
+}}}
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ from fastapi import APIRouter, Query, Request
 
 from crfiqa.service.api import errors
 from crfiqa.service.api.deps import Authenticated, ServiceDep
-from crfiqa.service.api.parsing import Upload, read_request
+from crfiqa.service.api.parsing import BODY_DOC, Upload, read_request
 from crfiqa.service.api.schemas import (
-    EXAMPLE_PNG,
     ErrorOut,
     FaceOut,
     ImageOut,
@@ -24,21 +23,8 @@ from crfiqa.service.results import ImageResult
 
 router = APIRouter(tags=["quality"])
 
-#: The request body, both kinds; ``#/components/schemas/QualityRequest`` is added by ``openapi.build``.
-BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {
-        "schema": {"type": "object", "required": ["images"], "properties": {"images": {
-            "type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
-            "description": "one or more image files (JPEG, PNG, WebP, BMP, TIFF, GIF, PGM); options are query "
-                           "parameters"}}},
-        "encoding": {"images": {"contentType": "application/octet-stream, image/*"}}},
-    "application/json": {"schema": {"$ref": "#/components/schemas/QualityRequest"},
-                         "example": {"images": [{"data": EXAMPLE_PNG, "id": "face-1"}], "aligned": True}},
-}}}
-
-
 @router.post("/v1/quality", response_model=QualityResponse, response_model_exclude_none=True,
-             responses=errors.responses(401, 408, 413, 415, 422, 429, 503), openapi_extra=BODY,
+             responses=errors.responses(401, 408, 413, 415, 422, 429, 503), openapi_extra=BODY_DOC,
              dependencies=[Authenticated])
 async def quality(request: Request, service: ServiceDep, query: Annotated[Options, Query()]) -> QualityResponse:
     """Score the quality of every face in one or more images: multipart field `images` (options as query

@@ -311,6 +311,7 @@ def check_compose(image: str, prometheus_image: str, models: Path) -> None:
         rng = prom(purl, "/api/v1/query", query='count_over_time(crfiqa_quality_score_count{job="crfiqa"}[5m])')
         say(f"after 3 requests: Prometheus has crfiqa_quality_score_count = {n:.0f} "
             f"({rng['result'][0]['value'][1]} scrapes in the last 5 min)")
+        check_dashboard_queries(purl)
     except BaseException:
         print(sh(*COMPOSE, "-p", "crfiqa-e2e", "-f", str(REPO / "docker-compose.yml"), "logs", "--tail", "30",
                  timeout=60, env=env, check=False), file=sys.stderr)
@@ -318,6 +319,22 @@ def check_compose(image: str, prometheus_image: str, models: Path) -> None:
     finally:
         compose(env, "down", "-v", "--remove-orphans", timeout=120)
     say(f"compose stack checked and removed in {time.monotonic() - t0:.1f} s")
+
+
+def check_dashboard_queries(purl: str) -> None:
+    """Every Grafana panel query runs in the real Prometheus (Grafana itself cannot run here)."""
+    board = json.loads((REPO / "docker" / "grafana" / "dashboards" / "crfiqa.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", []) if t.get("expr")]
+    empty = []
+    for expr in exprs:
+        # Grafana's interval variables, should a panel use them, become a fixed window for the API.
+        query = re.sub(r"\$__(rate_)?interval|\$__range", "5m", expr)
+        if not prom(purl, "/api/v1/query", query=query)["result"]:
+            empty.append(expr)
+    must = {"crfiqa_model_info", "crfiqa_ready", "max(crfiqa_queue_depth)"}
+    if must & set(empty):
+        raise Failed(f"dashboard queries without data: {sorted(must & set(empty))}")
+    say(f"dashboard: all {len(exprs)} panel queries run in Prometheus, {len(exprs) - len(empty)} have data now")
 
 
 # --- apt mirror ------------------------------------------------------------------------------------------

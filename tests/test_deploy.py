@@ -38,9 +38,10 @@ def run(*cmd: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return r
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/Dockerfile.gpu", "docker/prometheus/Dockerfile.debian",
+                                        "deploy/offline/python.Dockerfile"])
 def test_hadolint_clean(dockerfile: str) -> None:
-    run(tool("hadolint"), str(DOCKER / dockerfile))
+    run(tool("hadolint"), str(REPO / dockerfile))
 
 
 def test_dockerfiles_contract() -> None:
@@ -49,8 +50,24 @@ def test_dockerfiles_contract() -> None:
         assert text.count("FROM ") >= 2 and "COPY --from=build /opt/venv" in text
         assert 'CMD ["crfiqa", "serve"]' in text and "HEALTHCHECK" in text and "/healthz" in text
         assert re.search(r"^USER 10001$", text, re.M) and "EXPOSE 8000" in text and "STOPSIGNAL SIGTERM" in text
+        # Portable: the base and the wheelhouse are build arguments; an install from wheels never reaches
+        # an index; nothing of the machines deploy/e2e.sh runs on is named.
+        assert re.search(r"^ARG BASE_IMAGE=\S+$", text, re.M) and re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
+        assert re.search(r"^ARG WHEELHOUSE=docker/wheelhouse$", text, re.M) and "--no-index --find-links" in text
+        assert not re.search(r"crfiqa-e2e|/var/cache|/work/|deb\.debian\.org|/opt/wheels", text)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", (DOCKER / "Dockerfile").read_text(), re.M)
     gpu = (DOCKER / "Dockerfile.gpu").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:12\.\S+-cudnn-runtime-\S+$", gpu, re.M)
     assert "[gpu]" in gpu and "[cpu]" not in gpu and "CUDAExecutionProvider,CPUExecutionProvider" in gpu
+
+
+def test_dockerignore_keeps_the_wheelhouse_and_drops_fetched_models() -> None:
+    rules = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert rules.index("!docker/wheelhouse") > rules.index("docker")  # later lines win
+    assert {"models/det", "models/fr", ".venv", ".git", "tests"} <= set(rules)
+    assert rules.index("!models/crfiqa_mbf.onnx") > rules.index("models/*.onnx")
+    ignored = (REPO / "docker" / "wheelhouse" / ".gitignore").read_text().split()
+    assert ignored[0] == "*" and "!README.md" in ignored  # wheels are never committed
 
 
 def test_promtool_config_rules_and_unit_tests(tmp_path: Path) -> None:
@@ -157,3 +174,26 @@ def test_startup_refuses_mismatching_model(tmp_path: Path) -> None:
     target.write_bytes(b"not the model")
     srv = Server(env={"CRFIQA_MODELS_DIR": str(tmp_path)}, log=tmp_path / "log")
     assert srv.proc.wait(60) != 0 and "checksum_mismatch" in srv.log()
+
+
+def test_grafana_provisioning_matches_compose() -> None:
+    """Grafana is not packaged by Debian and no registry is reachable here, so it never runs in deploy/e2e.sh:
+    its provisioning is checked against the compose file and the dashboard instead."""
+    spec = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in spec["grafana"]["volumes"] if v.startswith("./")}
+    assert mounts["/etc/grafana/provisioning"] == "./docker/grafana/provisioning"
+    ds = yaml.safe_load((DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert ds["apiVersion"] == 1 and len(ds["datasources"]) == 1
+    source = ds["datasources"][0]
+    prom_port = re.search(r":(\d+)\"?\]?$", str(spec["prometheus"]["ports"][0])).group(1)
+    assert source["type"] == "prometheus" and source["url"] == f"http://prometheus:{prom_port}"
+    providers = yaml.safe_load((DOCKER / "grafana" / "provisioning" / "dashboards" / "crfiqa.yml").read_text())
+    path = providers["providers"][0]["options"]["path"]
+    assert providers["apiVersion"] == 1 and mounts[path] == "./docker/grafana/dashboards"
+    board = json.loads((DOCKER / "grafana" / "dashboards" / "crfiqa.json").read_text())
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)) and board["uid"] and board["schemaVersion"] >= 30
+    for panel in board["panels"]:
+        assert {"type", "title", "gridPos", "targets"} <= set(panel), panel.get("title")
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == source["uid"] and target["expr"].strip()

@@ -104,17 +104,16 @@ def resources(cfg: CurateConfig):
     if cfg.num_gpus:
         actors = cfg.actors or max(1, math.floor(cfg.num_gpus))
         return Resources(num_gpus=cfg.num_gpus, actors=actors, scorer_cpus=1.0)
-    # CPU scoring: the model costs a fraction of detection per image, so a scorer does not reserve a core.
-    return Resources(actors=cfg.actors or max(1, int(cpus // 8)), scorer_cpus=0.5)
+    # CPU scoring: one ONNX Runtime thread per scorer, busy a fraction of the time detection keeps the cores
+    # busy (docs/scale.md); it reserves no Ray CPU, so every core still runs a prepare task.
+    return Resources(actors=cfg.actors or max(1, int(cpus // 8)), scorer_cpus=0.0)
 
 
 def curate(cfg: CurateConfig) -> CurateSummary:
     """Run ``crfiqa curate``: ``DST/scores.parquet``, with a filter ``kept.txt`` (+ ``identities.csv``),
     ``report.html`` and ``summary.json``. A rerun into the same DST skips the complete shards."""
     t0 = time.perf_counter()
-    if cfg.components and not hasattr(cfg.options, "components"):
-        raise CrfiqaError("this pipeline has no quality components yet", code="unsupported_option")
-    options = replace(cfg.options, components=True) if cfg.components else cfg.options  # type: ignore[call-arg]
+    options = replace(cfg.options, components=cfg.components)
     source = open_source(cfg.src)
     n_shards = math.ceil(len(source) / cfg.shard_size)
     config = {"settings": asdict(cfg.settings) | {"intra_op_threads": None, "decode_workers": None,
@@ -130,6 +129,7 @@ def curate(cfg: CurateConfig) -> CurateSummary:
     expected = {s: min(cfg.shard_size, len(source) - s * cfg.shard_size) for s in range(n_shards) if s not in done}
     writer = outputs.ShardWriter(cfg.dst, expected, source.has_identity, component_names(cfg.components))
     t_job = time.perf_counter()
+    driver_s = 0.0  # the driver's own share: exploding rows and writing shards (docs/scale.md)
     if todo:
         from crfiqa.curation import job
 
@@ -137,12 +137,14 @@ def curate(cfg: CurateConfig) -> CurateSummary:
             _quiet_ray_data()
             for batch in job.run(source, todo, cfg.shard_size, replace(cfg.settings, batch_size=cfg.batch_size),
                                  options, resources(cfg), cfg.batch_size):
+                t_add = time.perf_counter()
                 writer.add(batch)
+                driver_s += time.perf_counter() - t_add
     job_seconds = time.perf_counter() - t_job
     if writer.missing:
         raise CrfiqaError(f"the job ended with shards {writer.missing[:5]} incomplete", code="incomplete")
     scores = outputs.merge(cfg.dst, list(range(n_shards)))
-    stages = outputs.stage_seconds(cfg.dst, writer.written)
+    stages = outputs.stage_seconds(cfg.dst, writer.written) | ({"driver": driver_s} if writer.written else {})
     result = None
     if cfg.min_score is not None or cfg.drop_fraction is not None:
         result = filters.apply_filter(scores, cfg.min_score, cfg.drop_fraction)
@@ -155,12 +157,13 @@ def curate(cfg: CurateConfig) -> CurateSummary:
 
 
 def component_names(components: bool) -> list[str]:
-    """The component columns ``--components`` adds."""
+    """The columns ``--components`` adds: each component's native value (as ``crfiqa score --components``
+    writes it), then its 0-100 score (``<name>_score``; empty where the component defines no mapping)."""
     if not components:
         return []
-    from crfiqa.service import pipeline
+    from crfiqa.service.components import COMPONENT_NAMES
 
-    return list(getattr(pipeline, "COMPONENT_NAMES", ()))
+    return [*COMPONENT_NAMES, *(f"{n}_score" for n in COMPONENT_NAMES)]
 
 
 def _summary(scores, n_shards: int, written: list[int], skipped: int, seconds: float, stages: dict,

@@ -6,6 +6,7 @@ Rows cross the stages one per image; variable-length face data travels as little
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -23,7 +24,7 @@ from crfiqa.service.results import Detection
 log = logging.getLogger("crfiqa.curate")
 
 #: Images per prepare task batch: small, so decoding streams into the scorers early.
-PREPARE_BATCH = 16
+PREPARE_BATCH = 32
 _CROP = ALIGNED_SIZE * ALIGNED_SIZE * 3
 _NO_LANDMARKS = np.zeros((5, 2), np.float32)
 
@@ -59,8 +60,8 @@ def prepare_batch(batch: dict[str, np.ndarray], settings: PipelineSettings, opti
     pipe = _task_pipeline(settings)
     n = len(batch["index"])
     out: dict[str, list] = {k: [] for k in ("identity", "status", "error_code", "error_message", "width", "height",
-                                            "faces", "det_score", "boxes", "crops", "t_read", "t_decode",
-                                            "t_detect", "t_align")}
+                                            "faces", "det_score", "boxes", "crops", "components", "t_read",
+                                            "t_decode", "t_detect", "t_align", "t_components")}
     for i in range(n):
         name, identity = str(batch["path"][i]), str(batch["identity"][i])
         t0 = time.perf_counter()
@@ -82,14 +83,22 @@ def prepare_batch(batch: dict[str, np.ndarray], settings: PipelineSettings, opti
         out["det_score"].append(np.array([d.score for d in prepared.detections], "<f4").tobytes())
         out["boxes"].append(np.array([d.bbox for d in prepared.detections], "<f4").reshape(-1, 4).tobytes())
         out["crops"].append(np.ascontiguousarray(prepared.crops, np.uint8).tobytes())
+        out["components"].append(_components_json(prepared))
         out["t_read"].append(max(t_read, 0.0))
-        for stage in ("decode", "detect", "align"):
+        for stage in ("decode", "detect", "align", "components"):
             out[f"t_{stage}"].append(prepared.timings.get(stage, 0.0))
     result = {k: batch[k] for k in ("index", "shard", "path", "key")}
     for k, values in out.items():
         dtype = np.int32 if k in ("width", "height", "faces") else np.float64 if k.startswith("t_") else object
         result[k] = np.array(values, dtype=dtype)
     return result
+
+
+def _components_json(prepared: Prepared) -> str:
+    """Per face, each component's native value and its 0-100 score (``<name>_score``), as JSON; "[]" without."""
+    faces = [{**{n: c.value for n, c in comp.items()}, **{f"{n}_score": c.score for n, c in comp.items()}}
+             for comp in prepared.components]
+    return json.dumps(faces)
 
 
 def _unpack(batch: dict[str, np.ndarray], i: int) -> Prepared:
@@ -109,10 +118,9 @@ class Scorer:
     """The actor pool's callable: opens the quality model once per actor, then scores batches of prepared
     images with the pipeline's own ``score_prepared`` (one model call per batch, ``finish`` per image)."""
 
-    def __init__(self, settings: PipelineSettings, options: Options) -> None:
+    def __init__(self, settings: PipelineSettings) -> None:
         self.pipe = Pipeline(settings)
         self.pipe.load(detector=False, quality=True)  # a bad model fails the job here, not image by image
-        self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per image: quality raw and 0-100 as float64 bytes; a failed batch turns its images into errors."""
@@ -168,7 +176,7 @@ def run(source: DataSource, indices: list[int], shard_size: int, settings: Pipel
                         fn_kwargs={"settings": prepare_settings, "options": options, "loader": Loader(source.rec)},
                         num_cpus=resources.prepare_cpus)
     ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"settings": score_settings, "options": options},
+                        fn_constructor_kwargs={"settings": score_settings},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, resources.actors)),
                         num_cpus=resources.scorer_cpus, num_gpus=resources.actor_gpus() or None)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

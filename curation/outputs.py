@@ -20,7 +20,7 @@ from crfiqa.service.errors import CrfiqaError
 #: The columns of ``crfiqa score --out x.csv``, in its order; ``identity`` and components follow.
 SCORE_COLUMNS = ["path", "status", "error_code", "face", "det_score", "x1", "y1", "x2", "y2",
                  "quality_raw", "quality_score"]
-STAGES = ("t_read", "t_decode", "t_detect", "t_align", "t_score")
+STAGES = ("t_read", "t_decode", "t_detect", "t_align", "t_components", "t_score")
 TIMINGS_KEY = b"crfiqa.timings"
 
 

@@ -134,7 +134,7 @@ def render(data: ReportData) -> str:
     parts.append(_filter_section(data.filter))
     if data.stages:
         rows = [[k.removeprefix("t_"), f"{v:.2f}", f"{1000 * v / max(n_images, 1):.2f}"]
-                for k, v in data.stages.items() if k.startswith("t_")]
+                for k, v in data.stages.items() if k.startswith("t_") or k == "driver"]
         parts.append('<section id="stages"><h2>Time by stage</h2><p>Summed over workers.</p>' +
                      _table(["stage", "seconds", "ms / image"], rows) + "</section>")
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"

@@ -24,6 +24,7 @@ import yaml
 from crfiqa.curation import filters
 from crfiqa.curation.curate import CurateConfig, curate
 from crfiqa.curation.sources import open_source
+from crfiqa.service.components import COMPONENT_NAMES
 from crfiqa.service.detect import DetectorSettings
 from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.imaging import list_images
@@ -204,7 +205,8 @@ def test_cli_recordio_on_the_running_cluster(ray_cluster, tmp_path: Path) -> Non
     dst = tmp_path / "rec_out"
     proc = subprocess.run(
         [sys.executable, "-m", "crfiqa.cli", "curate", str(FIXTURE_REC), "--out", str(dst), "--aligned",
-         "--ray-address", ray_cluster, "--drop-fraction", "0.25", "--batch-size", "16", "--shard-size", "12"],
+         "--ray-address", ray_cluster, "--drop-fraction", "0.25", "--batch-size", "16", "--shard-size", "12",
+         "--components"],
         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -217,11 +219,18 @@ def test_cli_recordio_on_the_running_cluster(ray_cluster, tmp_path: Path) -> Non
     assert keys == [img["index"] for img in expected["images"]]
     assert [r["identity"] for r in rows] == [str(img["label"]) for img in expected["images"]]
     pipe = Pipeline(_settings())
-    results = pipe.score_prepared([pipe.prepare((r["path"], rec.read(k).image), Options(aligned=True))
-                                   for r, k in zip(rows, keys)])
+    opts = Options(aligned=True, components=True)
+    results = pipe.score_prepared([pipe.prepare((r["path"], rec.read(k).image), opts) for r, k in zip(rows, keys)])
     for r, res in zip(rows, results):
-        assert abs(r["quality_raw"] - res.faces[0].quality.raw) <= 1e-5
-        assert abs(r["quality_score"] - res.faces[0].quality.score) <= 1e-5
+        face = res.faces[0]
+        assert abs(r["quality_raw"] - face.quality.raw) <= 1e-5
+        assert abs(r["quality_score"] - face.quality.score) <= 1e-5
+        for name, comp in face.components.items():  # --components: native value and 0-100 score columns
+            assert abs(r[name] - comp.value) <= 1e-5 * max(1.0, abs(comp.value))
+            assert (r[f"{name}_score"] is None) == (comp.score is None)
+            if comp.score is not None:
+                assert abs(r[f"{name}_score"] - comp.score) <= 1e-5
+    assert set(COMPONENT_NAMES) <= set(rows[0]) and len(COMPONENT_NAMES) >= 5
     assert len((dst / "kept.txt").read_text().splitlines()) == summary["kept"]
     assert (dst / "identities.csv").read_text().count("\n") == expected["num_classes"] + 1
 

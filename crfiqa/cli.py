@@ -18,6 +18,8 @@ COMMANDS: list[tuple[str, str, str, str, str]] = [
     ("detect", "detect faces, print JSON lines", "crfiqa.service.cli", "add_detect_arguments", "cmd_detect"),
     ("align", "write aligned 112x112 crops", "crfiqa.service.cli", "add_align_arguments", "cmd_align"),
     ("score", "score face quality", "crfiqa.service.cli", "add_score_arguments", "cmd_score"),
+    ("best", "best face of each person in bursts, folders or videos", "crfiqa.service.cli",
+     "add_best_arguments", "cmd_best"),
     ("models", "list, fetch or verify models", "crfiqa.service.cli", "add_models_arguments", "cmd_models"),
     ("serve", "run the HTTP service", "crfiqa.service.api.server", "add_arguments", "main"),
     ("prepare", "align raw identity folders into a training set", "crfiqa.training.cli",

@@ -242,6 +242,33 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write each input to DIR with boxes, landmarks, score and weakest component drawn")
 
 
+def cmd_best(args: argparse.Namespace) -> int:
+    """Group faces into identities; print one JSON line per identity (most shots first), errors on stderr."""
+    from crfiqa.service.bestshot import best_shots
+    from crfiqa.service.pipeline import Options
+
+    pipe = _pipeline(args, args.model)
+    identities, errors = best_shots(pipe, args.paths, every=args.every, embedder=args.embedder,
+                                    threshold=args.threshold, options=Options(select=args.select))
+    for k, identity in enumerate(identities):
+        print(json.dumps(identity.to_dict(k)), flush=True)
+    for result in errors:
+        print(json.dumps(result.to_dict()), file=sys.stderr)
+    return 1 if errors and not identities else 0
+
+
+def add_best_arguments(p: argparse.ArgumentParser) -> None:
+    """``crfiqa best`` flags."""
+    _detection_args(p)
+    p.add_argument("--every", type=int, default=1, help="read every N-th frame of a video (default 1)")
+    p.add_argument("--model", default=None, help="quality model: manifest name or .onnx path")
+    p.add_argument("--embedder", default="w600k_mbf",
+                   help="identity embeddings: a recognition model of the manifest, or 'quality' (the quality "
+                        "model's embedding output)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="cosine similarity that joins an identity (default: the embedder's measured one)")
+
+
 def add_models_arguments(p: argparse.ArgumentParser) -> None:
     """``crfiqa models`` flags."""
     p.add_argument("action", choices=["list", "fetch", "verify"])

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -52,6 +56,58 @@ async def load(url: str, payloads: list[tuple[str, bytes]], clients: int, rounds
         return time.perf_counter() - t0, latencies, errors
 
 
+async def loop_probe(url: str, megabytes: float, every_s: float = 0.002) -> tuple[float, float, float]:
+    """Event-loop responsiveness: the slowest ``/healthz`` (ms) idle and while one JSON request of about
+    ``megabytes`` MB (three base64 images) is received, parsed and answered; and that request's time (ms).
+    The big request is sent from another process, so sending it does not delay the probe."""
+    data = "A" * int(megabytes * 1e6 / 3)
+    body = json.dumps({"images": [{"data": data, "id": str(i)} for i in range(3)]}).encode()
+
+    def send() -> float:  # in another process: sending 45 MB would hold this process's GIL
+        with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+            fh.write(body)
+            fh.flush()
+            code = (f"import httpx, sys, time; d = open({fh.name!r}, 'rb').read(); t = time.perf_counter(); "
+                    f"r = httpx.post({url + '/v1/quality'!r}, content=d, headers={{'content-type': 'application/json'}}, "
+                    "timeout=300); print(r.status_code, 1000 * (time.perf_counter() - t))")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        status, ms = out.split()
+        assert status == "200", out
+        return float(ms)
+
+    async def probe(c: httpx.AsyncClient, until: Callable[[], bool]) -> float:
+        worst = 0.0
+        while not until():
+            t = time.perf_counter()
+            await c.get(url + "/healthz")
+            worst = max(worst, time.perf_counter() - t)
+            await asyncio.sleep(every_s)
+        return 1000 * worst
+
+    async with httpx.AsyncClient(timeout=300) as c:
+        end = time.perf_counter() + 1.0
+        idle = await probe(c, lambda: time.perf_counter() > end)
+        sender = asyncio.get_running_loop().run_in_executor(None, send)
+        busy = await probe(c, sender.done)
+    return idle, busy, await sender
+
+
+def probe_table(env: dict[str, str], megabytes: float, rounds: int = 3) -> None:
+    """The event-loop probe with large JSON parsed in the worker process (default) and on the event loop."""
+    print(f"\nevent loop during one {megabytes:g} MB JSON request (slowest /healthz, median of {rounds})")
+    print(f"{'JSON parsed':>22}{'idle ms':>9}{'busy ms':>9}{'request ms':>12}")
+    for label, value in (("in a worker process", None), ("on the event loop", "0")):
+        server = Server(env={**env, **({"CRFIQA_JSON_PROCESS_BYTES": value} if value else {})})
+        try:
+            server.wait_ready()
+            asyncio.run(loop_probe(server.url, megabytes))  # first use: the parsing process starts
+            runs = np.array([asyncio.run(loop_probe(server.url, megabytes)) for _ in range(rounds)])
+        finally:
+            server.stop()
+        idle, busy, took = np.median(runs, axis=0)
+        print(f"{label:>22}{idle:>9.1f}{busy:>9.1f}{took:>12.0f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Measure and print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models-dir", type=Path, default=REPO.parent / "shared" / "models")
     ap.add_argument("--providers", default="CPUExecutionProvider")
     ap.add_argument("--env", action="append", default=[], help="extra server setting NAME=VALUE")
+    ap.add_argument("--loop-probe-mb", type=float, default=45.0, help="size of the JSON request of the event-loop "
+                    "probe (0 = skip)")
     args = ap.parse_args(argv)
     paths = list_images([args.data])[: args.images]
     payloads = [(p.name, p.read_bytes()) for p in paths]
@@ -87,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{clients:>8}{rate:>10.1f}{rate / raw_rate:>7.0%}{p50:>9.1f}{p95:>9.1f}{p99:>9.1f}{errors:>8}")
     finally:
         server.stop()
+    if args.loop_probe_mb > 0:
+        probe_table(env, args.loop_probe_mb)
 
 
 if __name__ == "__main__":

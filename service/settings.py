@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     detector: str | None = Field(None, description="detector name from the manifest (default scrfd_500m)")
     quality_model: str | None = Field(None, description="quality model: manifest name or .onnx path")
     providers: str = Field("", description="comma-separated ONNX Runtime providers (empty: the best available)")
-    det_size: int = Field(640, ge=32, le=4096, description="detector input size, pixels")
+    det_size: int | None = Field(None, ge=32, le=4096, description="detector input size, pixels (unset: each "
+                                 "image at its own size, up to the detector's 640)")
     det_threshold: float = Field(0.5, ge=0.0, le=1.0, description="default detection score threshold")
     max_body_bytes: int = Field(50 * 1024 * 1024, gt=0, description="largest request body, bytes")
     max_images_per_request: int = Field(64, gt=0, description="most images in one request")
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(0.0, ge=0, description="requests per second per API key (token bucket; 0 = off)")
     rate_limit_burst: int = Field(10, gt=0, description="token bucket size: requests a key may send at once")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS ('*' = any); empty = CORS off")
+    json_process_bytes: int = Field(1 << 20, ge=0, description="JSON bodies this large are parsed in a worker "
+                                    "process, off the event loop's GIL (0 = never: parse on the event loop)")
     limit_concurrency: int = Field(256, gt=0, description="most requests in flight; more get 503 + Retry-After")
     header_timeout_s: float = Field(10.0, gt=0, description="a client must send its request headers within this")
     body_timeout_s: float = Field(60.0, gt=0, description="a client must send its whole request body within this")

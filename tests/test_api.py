@@ -258,3 +258,25 @@ def test_cors_off_by_default(server: Server) -> None:
     assert "access-control-allow-origin" not in r.headers and r.status_code == 405
     r = httpx.get(server.url + "/healthz", headers={"Origin": "https://app.example"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_large_json_is_parsed_in_a_worker_process(server: Server) -> None:
+    """A body over CRFIQA_JSON_PROCESS_BYTES (1 MiB) goes through the parsing process: same results, same
+    typed errors (they cross the process boundary), same 422s naming the field."""
+    face = b64(SAMPLES / "Tom_Hanks_54745.png")
+    filler = "A" * 1_200_000  # valid base64 of zeros: not an image
+    body = {"images": [{"data": face, "id": "face"}, {"data": filler, "id": "zeros"}, {"data": "@@", "id": "bad"}],
+            "aligned": True}
+    r = httpx.post(server.url + "/v1/quality", json=body, headers=HEADERS, timeout=120)
+    assert r.status_code == 200, r.text
+    results = {x["id"]: x for x in r.json()["results"]}
+    assert results["zeros"]["error"]["code"] == "unsupported_format"
+    assert results["bad"]["error"]["code"] == "invalid_base64"
+    small = httpx.post(server.url + "/v1/quality", json={"images": [{"data": face}], "aligned": True},
+                       headers=HEADERS, timeout=60).json()["results"][0]
+    assert results["face"]["faces"][0]["quality"] == small["faces"][0]["quality"]
+    r = httpx.post(server.url + "/v1/quality", json={"images": [{"data": filler, "bogus": 1}]}, headers=HEADERS)
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("images.0.bogus")
+    many = {"images": [{"data": face}] * LIMIT_IMAGES + [{"data": filler}]}
+    r = httpx.post(server.url + "/v1/quality", json=many, headers=HEADERS)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_images"

@@ -49,7 +49,8 @@ EXAMPLE_CODE = {401: "unauthorized", 408: "request_timeout", 413: "body_too_larg
 class RequestError(CrfiqaError):
     """An error that fails the whole request; its ``code`` picks the status from ``STATUS``."""
 
-    def __init__(self, message: str, code: str, retry_after_s: float | None = None) -> None:
+    # ``code`` has a default so the error pickles (it is raised in the JSON-parsing worker process too).
+    def __init__(self, message: str, code: str = "validation_error", retry_after_s: float | None = None) -> None:
         super().__init__(message, code)
         self.retry_after_s = retry_after_s
 

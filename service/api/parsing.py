@@ -4,12 +4,14 @@ Pure functions where possible (``parse_json``, ``decode_data``) so they can be f
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -35,11 +37,13 @@ BODY_DOC = {"requestBody": {"required": True, "content": {
 
 @dataclass(frozen=True)
 class Upload:
-    """One image of a request: its result ``id``, the multipart file name, the bytes or base64 text."""
+    """One image of a request: its result ``id``, the bytes or base64 text, the multipart file name, and
+    the error that already stopped it (bad base64 found while parsing)."""
 
     id: str
     data: bytes | str
     filename: str | None = None
+    error: CrfiqaError | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,19 @@ def parse_json(body: bytes, query: Options, limit: int) -> Parsed:
     return Parsed(uploads, opts)
 
 
+def parse_json_decoded(body: bytes, query: Options, limit: int) -> Parsed:
+    """``parse_json`` plus the base64 decoding of every image: the whole CPU cost of a JSON body, in one call
+    that a worker process can run (its result and errors pickle)."""
+    parsed = parse_json(body, query, limit)
+    uploads = []
+    for u in parsed.uploads:
+        try:
+            uploads.append(Upload(u.id, decode_data(u.data)))
+        except CrfiqaError as exc:
+            uploads.append(Upload(u.id, b"", error=exc))
+    return Parsed(uploads, parsed.options)
+
+
 async def parse_multipart(request: Request, query: Options, limit: int) -> Parsed:
     """A multipart body: every ``images`` field must be a file; options come from the query."""
     try:
@@ -101,13 +118,19 @@ async def parse_multipart(request: Request, query: Options, limit: int) -> Parse
         await form.close()
 
 
-async def read_request(request: Request, query: Options, limit: int) -> Parsed:
-    """The request's images and options, by content type (JSON is validated off the event loop)."""
+async def read_request(request: Request, query: Options, limit: int,
+                       processes: Callable[[], Executor] | None = None, process_bytes: int = 0) -> Parsed:
+    """The request's images and options, by content type. A JSON body of ``process_bytes`` or more is parsed
+    and base64-decoded in a worker process: pydantic and binascii hold the GIL, so a thread would still stall
+    the event loop; a small one is parsed here, cheaper than any hand-off."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         return await parse_multipart(request, query, limit)
     if ctype == "application/json":
         body = await request.body()
-        return await run_in_threadpool(parse_json, body, query, limit)
+        if processes is not None and 0 < process_bytes <= len(body):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(processes(), parse_json_decoded, body, query, limit)
+        return parse_json(body, query, limit)
     raise RequestError(f"content type {ctype or '(none)'} not supported: use multipart/form-data or "
                        "application/json", code="unsupported_media_type")

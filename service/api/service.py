@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,7 @@ class Service:
             settings.max_queue_size, on_batch=self.metrics.batch_size.observe, on_depth=self.metrics.queue_depth.set)
         self.warmed = False
         self.stalled = False
+        self._processes: ProcessPoolExecutor | None = None
 
     @property
     def ready(self) -> bool:
@@ -79,7 +81,8 @@ class Service:
         """Run every batch size the batcher can form (the CUDA arena grows to the largest seen) and the detector."""
         sizes = sorted({min(2 ** k, self.settings.max_batch_size) for k in range(11)})
         crops = np.zeros((self.settings.max_batch_size, 112, 112, 3), np.uint8)
-        blank = np.zeros((self.settings.det_size, self.settings.det_size, 3), np.uint8)
+        side = self.settings.det_size or self.pipeline.detector.max_size  # unset: sized to the image, up to this
+        blank = np.zeros((side, side, 3), np.uint8)
         for _ in range(self.settings.warmup_rounds):
             self.pipeline.detect(blank)
             for n in sizes:
@@ -117,10 +120,19 @@ class Service:
                 logging.shutdown()
                 os._exit(STALL_EXIT_CODE)  # a stuck thread cannot be joined: no clean exit is possible
 
+    def processes(self) -> ProcessPoolExecutor:
+        """The worker process that parses large JSON bodies (started on first use: most deployments send
+        multipart and never pay for it)."""
+        if self._processes is None:
+            self._processes = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return self._processes
+
     def close(self) -> None:
-        """Stop the thread pools (after the batcher has stopped)."""
+        """Stop the pools (after the batcher has stopped)."""
         self.workers.shutdown(wait=True)
         self.inference.shutdown(wait=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=True, cancel_futures=True)
 
     def _infer(self, crops: np.ndarray) -> np.ndarray:
         """The pipeline's batch function on one batch (runs in the inference thread)."""
@@ -141,6 +153,8 @@ class Service:
 
     def prepare(self, upload: Upload, opts: PipelineOptions) -> Prepared:
         """The pipeline's prepare stage for one uploaded image (base64 decoded first); never raises."""
+        if upload.error is not None:
+            return Prepared(upload.id, error=upload.error)
         try:
             data = decode_data(upload.data)
         except CrfiqaError as exc:

@@ -32,7 +32,9 @@ async def quality(request: Request, service: ServiceDep, query: Annotated[Option
     is an `error` result; the others are scored."""
     t0 = time.perf_counter()
     service.check_ready()
-    parsed = await read_request(request, query, service.settings.max_images_per_request)
+    settings = service.settings
+    parsed = await read_request(request, query, settings.max_images_per_request, service.processes,
+                                settings.json_process_bytes)
     t1 = time.perf_counter()
     scored = await service.score(parsed.uploads, parsed.options)
     q = service.pipeline.models()["quality"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -11,6 +14,10 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from crfiqa.service.pipeline import Prepared
+    from crfiqa.service.results import ImageResult
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -48,6 +55,19 @@ class Metrics:
                                     ["key_id"], registry=r)
         self.in_flight = Gauge("crfiqa_requests_in_flight", "HTTP requests being served", registry=r)
         self.ready = Gauge("crfiqa_ready", "1 once models are loaded and warmed up", registry=r)
+
+    def observe_images(self, prepared: Sequence[Prepared], results: Sequence[ImageResult]) -> None:
+        """Per-image stage times, errors, faces and scores of one request."""
+        for p, r in zip(prepared, results):
+            for stage, seconds in p.timings.items():
+                self.stage_duration.labels(stage).observe(seconds)
+            if r.error is not None:
+                self.errors.labels(r.error.code).inc()
+                continue
+            self.faces_per_image.observe(len(r.faces))
+            for face in r.faces:
+                if face.quality is not None:
+                    self.quality_score.observe(face.quality.score)
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -188,19 +188,5 @@ class Service:
         offsets = np.cumsum([0, *counts])
         results = [self.pipeline.finish(p, None if error else raw[a:b], error=error)
                    for p, a, b in zip(prepared, offsets[:-1], offsets[1:])]
-        self._observe(prepared, results)
+        self.metrics.observe_images(prepared, results)
         return Scored(results, t1 - t0, t2 - t1)
-
-    def _observe(self, prepared: list[Prepared], results: list[ImageResult]) -> None:
-        """Per-image stage times, errors, faces and scores into the metrics."""
-        m = self.metrics
-        for p, r in zip(prepared, results):
-            for stage, seconds in p.timings.items():
-                m.stage_duration.labels(stage).observe(seconds)
-            if r.error is not None:
-                m.errors.labels(r.error.code).inc()
-                continue
-            m.faces_per_image.observe(len(r.faces))
-            for face in r.faces:
-                if face.quality is not None:
-                    m.quality_score.observe(face.quality.score)

@@ -38,17 +38,20 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             response = error_response("body_too_large", f"body over the limit of {self.max_bytes} bytes")
             return await response(scope, receive, send)
-        seen = 0
+        seen, complete = 0, False
         deadline = time.monotonic() + self.timeout_s
 
         async def limited() -> dict:
-            nonlocal seen
+            nonlocal seen, complete
+            if complete:  # the body is in: later receives only wait for a disconnect, without a deadline
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise RequestError(f"request body not received within {self.timeout_s:g} s",
                                    code="request_timeout") from None
             seen += len(message.get("body", b""))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if seen > self.max_bytes:
                 raise RequestError(f"body over the limit of {self.max_bytes} bytes", code="body_too_large")
             return message

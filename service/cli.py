@@ -23,7 +23,7 @@ def _detection_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that detects faces."""
     p.add_argument("paths", nargs="+", help="image files or directories (searched recursively)")
     p.add_argument("--detector", default=None, help="detector name from the manifest (default scrfd_500m)")
-    p.add_argument("--det-size", type=int, default=None, help="detector input size in pixels (default 640)")
+    p.add_argument("--det-size", type=int, default=None, help="detector input size in pixels (default: each image at its own size, up to 640)")
     p.add_argument("--det-threshold", type=float, default=None, help="detection score threshold (default 0.5)")
     p.add_argument("--max-faces", type=int, default=None, help="keep at most N faces per image (0 = all)")
     p.add_argument("--min-face-size", type=float, default=None, help="drop faces whose shorter box side is smaller (px)")

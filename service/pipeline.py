@@ -89,12 +89,10 @@ class Pipeline:
 
     @cached_property
     def detector(self) -> Detector:
-        """The detector adapter (verified on first use)."""
+        """The detector adapter (verified on first use); it reads its input spec from the manifest entry."""
         path, entry = resolve(self.detector_name, "detector", self.manifest, self.settings.models_dir)
-        det = self.settings.detection
-        if entry.detector_size and det.input_size == DetectorSettings().input_size:
-            det = det.with_overrides(input_size=entry.detector_size)
-        return create_detector(path, entry, det, self.settings.providers, self.settings.intra_op_threads)
+        return create_detector(path, entry, self.settings.detection, self.settings.providers,
+                               self.settings.intra_op_threads)
 
     @cached_property
     def quality(self) -> QualityModel:

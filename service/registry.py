@@ -35,6 +35,29 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class DetectorSpec:
+    """How a detector wants its pixels, as the manifest declares it; None = not declared (the adapter's
+    default). ``size`` is the largest network input side: images are detected at their own size up to it."""
+
+    size: int | None = None
+    colour: str | None = None
+    mean: float | None = None
+    std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.colour not in (None, "RGB", "BGR"):
+            raise ValueError(f"colour must be RGB or BGR, not {self.colour!r}")
+        if self.std is not None and self.std <= 0:
+            raise ValueError("std must be positive")
+        if self.size is not None and (self.size < 32 or self.size % 32):
+            raise ValueError(f"detector input size must be a positive multiple of 32, not {self.size}")
+
+    def to_dict(self) -> dict:
+        """The declared fields (None where not declared)."""
+        return {"size": self.size, "colour": self.colour, "mean": self.mean, "std": self.std}
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One manifest entry: what the file is, how to get it, how to feed it."""
 
@@ -49,8 +72,8 @@ class ModelEntry:
     version: str = "1"
     sha256_verified: bool = True
     sources: tuple[dict, ...] = ()
-    input: InputSpec = QUALITY_INPUT
-    detector_size: int = 640
+    input: InputSpec = QUALITY_INPUT  # face models (quality, recognition)
+    detector: DetectorSpec = DetectorSpec()  # detectors
     outputs: dict = field(default_factory=dict)
     calibration: Calibration = Calibration()
     provenance: dict = field(default_factory=dict)
@@ -61,8 +84,8 @@ class ModelEntry:
             "name": self.name, "role": self.role, "family": self.family, "version": self.version,
             "file": self.file, "sha256": self.sha256, "sha256_verified": self.sha256_verified,
             "size": self.size, "licence": self.licence, "description": self.description,
-            "input": {"size": self.input.size, "colour": self.input.colour,
-                      "mean": self.input.mean, "std": self.input.std},
+            "input": self.detector.to_dict() if self.role == "detector" else
+            {"size": self.input.size, "colour": self.input.colour, "mean": self.input.mean, "std": self.input.std},
             "outputs": dict(self.outputs),
         }
         if self.role == "quality":
@@ -78,17 +101,20 @@ def _entry_from_table(name: str, table: dict) -> ModelEntry:
     if role not in ROLES:
         raise ModelError(f"model {name}: role must be one of {ROLES}, not {role!r}", code="bad_manifest")
     spec = dict(table.get("input", {}))
-    size = int(spec.pop("size", 112))
-    is_face_model = role != "detector"
-    input_spec = InputSpec(size=size if is_face_model else 112, **spec)
+    try:
+        if role == "detector":
+            detector, input_spec = DetectorSpec(**spec), QUALITY_INPUT
+        else:
+            detector, input_spec = DetectorSpec(), InputSpec(**spec)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"model {name}: bad input spec {spec}: {exc}", code="bad_manifest") from exc
     cal = table.get("calibration", {})
     return ModelEntry(
         name=name, role=role, family=table.get("family", "crfiqa"), file=table["file"],
         sha256=table.get("sha256"), size=table.get("size"), licence=table.get("licence", "unknown"),
         description=table.get("description", ""), version=str(table.get("version", "1")),
         sha256_verified=bool(table.get("sha256_verified", True)),
-        sources=tuple(table.get("sources", ())), input=input_spec,
-        detector_size=size if not is_face_model else 640,
+        sources=tuple(table.get("sources", ())), input=input_spec, detector=detector,
         outputs=dict(table.get("outputs", {})),
         calibration=Calibration(float(cal.get("centre", 0.0)), float(cal.get("scale", 1.0))),
         provenance=dict(table.get("provenance", {})),
@@ -262,7 +288,7 @@ def _stream(url: str, out, progress: bool) -> None:
     """Download ``url`` into ``out`` with a tqdm progress bar on stderr."""
     from tqdm import tqdm
 
-    with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (URLs come from the manifest)
+    with urllib.request.urlopen(url, timeout=60) as response:  # URLs come from the manifest
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
                   disable=not progress, file=sys.stderr) as bar:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from crfiqa.service.align import ARCFACE_TEMPLATE, align_face, as_aligned, similarity_transform
+from crfiqa.service.detect import DetectorSettings
 from crfiqa.service.imaging import read_image
 from tests.helpers import SHARED_MODELS, lfw_dev_images
 
@@ -55,7 +56,7 @@ def test_parity_with_insightface_norm_crop(pipeline) -> None:
     diffs, compared = [], 0
     for path in lfw_dev_images(120):
         rgb = read_image(path).rgb
-        ours = pipeline.detect(rgb)
+        ours = pipeline.detect(rgb, DetectorSettings(input_size=640))  # insightface's fixed 640 letterbox
         bboxes, kpss = theirs.detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), input_size=(640, 640))
         assert len(ours) == len(bboxes), path
         if not ours:

@@ -16,11 +16,11 @@ def create_detector(path: Path, entry: ModelEntry, settings: DetectorSettings,
     if entry.family == "scrfd":
         from crfiqa.service.detect.scrfd import SCRFD
 
-        return SCRFD(path, settings, providers, intra_op_threads)
+        return SCRFD(path, settings, providers, intra_op_threads, entry.detector)
     if entry.family == "yunet":
         from crfiqa.service.detect.yunet import YuNet
 
-        return YuNet(path, settings)
+        return YuNet(path, settings, entry.detector)
     raise ModelError(f"{entry.name}: no detector adapter for family {entry.family!r}", code="unknown_model")
 
 

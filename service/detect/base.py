@@ -1,4 +1,5 @@
-"""The detector interface, shared post-processing (order, size filter, cap) and the pre-cropped retry."""
+"""The detector interface, the network input size, shared post-processing (order, size filter, cap) and the
+pre-cropped retry."""
 
 from __future__ import annotations
 
@@ -7,14 +8,27 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from crfiqa.service.registry import DetectorSpec
 from crfiqa.service.results import Detection
+
+#: The largest network input side when the manifest declares none (SCRFD and YuNet were trained at 640).
+DEFAULT_MAX_SIZE = 640
+STRIDE = 32  # every supported detector's coarsest feature stride: input sides are multiples of it
+
+
+def _ceil_stride(n: float) -> int:
+    """The smallest multiple of ``STRIDE`` >= n (at least one stride)."""
+    return max(STRIDE, -(-round(n) // STRIDE) * STRIDE)
 
 
 @dataclass(frozen=True)
 class DetectorSettings:
     """Detection knobs: network input size, score and NMS thresholds, and result filters."""
 
-    input_size: int = 640
+    # None = sized to the image: its own size padded to a multiple of 32, downscaled only when the longer
+    # side exceeds the detector's largest input (the manifest's input.size, 640). A number = always that
+    # square input (letterboxed, small images upscaled), as insightface runs SCRFD.
+    input_size: int | None = None
     score_threshold: float = 0.5
     nms_threshold: float = 0.4
     max_faces: int = 0  # 0 = no cap
@@ -28,8 +42,10 @@ class DetectorSettings:
 class Detector(ABC):
     """Finds faces in an RGB uint8 image; subclasses implement only ``_detect``."""
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: DetectorSettings, spec: DetectorSpec | None = None) -> None:
         self.settings = settings
+        self.spec = spec or DetectorSpec()
+        self.max_size = self.spec.size or DEFAULT_MAX_SIZE
 
     provider = "OpenCV"  # what runs the network; ONNX Runtime adapters report their execution provider
 
@@ -37,11 +53,22 @@ class Detector(ABC):
     def _detect(self, rgb: np.ndarray, s: DetectorSettings) -> list[Detection]:
         """Raw detections (after NMS) in image coordinates."""
 
+    def input_shape(self, height: int, width: int, s: DetectorSettings) -> tuple[float, int, int]:
+        """(scale, network height, network width) for an image: the image is resized by ``scale`` and
+        zero-padded at the bottom/right to the network shape."""
+        if s.input_size:
+            size = _ceil_stride(s.input_size)
+            return size / max(height, width), size, size
+        # Sized to the image: a 250 px LFW photo runs at 256x256, 6.25x fewer pixels than at 640, and
+        # SCRFD's anchors (16-512 px) still cover its faces at their own scale.
+        scale = min(1.0, self.max_size / max(height, width))
+        return scale, _ceil_stride(height * scale), _ceil_stride(width * scale)
+
     def detect(self, rgb: np.ndarray, settings: DetectorSettings | None = None) -> list[Detection]:
         """Faces ordered by score (ties: larger first), filtered by size and capped at ``max_faces``."""
         s = settings or self.settings
         faces = self._detect(rgb, s)
-        if not faces and max(rgb.shape[:2]) <= s.input_size // 2:
+        if not faces and max(rgb.shape[:2]) <= (s.input_size or self.max_size) // 2:
             faces = self._detect_padded(rgb, s)
         if s.min_face_size > 0:
             faces = [f for f in faces if min(f.bbox[2] - f.bbox[0], f.bbox[3] - f.bbox[1]) >= s.min_face_size]
@@ -49,8 +76,9 @@ class Detector(ABC):
         return faces[: s.max_faces] if s.max_faces > 0 else faces
 
     def _detect_padded(self, rgb: np.ndarray, s: DetectorSettings) -> list[Detection]:
-        """Retry for an already cropped face: a face filling the frame is too big for the anchors at a
-        large input size, so pad by half the image size on each side and look again."""
+        """Retry for an already cropped face: a face filling the frame is missed (too big for the anchors
+        at a large input size, cut by the frame at its own size), so pad by half the image size on each
+        side and look again."""
         pad = max(rgb.shape[:2]) // 2
         padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)))
         shift = np.array([pad, pad], dtype=np.float32)

@@ -1,4 +1,5 @@
-"""SCRFD (insightface) adapter: letterbox, one ONNX run, decode the 9 stride outputs, NMS.
+"""SCRFD (insightface) adapter: resize and pad to the network shape, one ONNX run, decode the 9 stride
+outputs, NMS.
 
 Written here rather than taken from insightface because insightface pulls the CPU onnxruntime and
 the non-headless OpenCV into a deployment (and so breaks the GPU install).
@@ -15,12 +16,15 @@ import numpy as np
 
 from crfiqa.service.detect.base import Detector, DetectorSettings, nms
 from crfiqa.service.errors import ModelError
+from crfiqa.service.registry import DetectorSpec
 from crfiqa.service.results import Detection
 from crfiqa.service.runtime import create_session, provider_in_use
 
 STRIDES = (8, 16, 32)
 ANCHORS_PER_CELL = 2
-MEAN, STD = 127.5, 128.0  # SCRFD's own input normalisation (not the face models' 127.5)
+#: insightface's SCRFD input (RGB, (x - 127.5) / 128: not the face models' 127.5), used where the
+#: manifest declares nothing.
+DEFAULT_SPEC = DetectorSpec(size=640, colour="RGB", mean=127.5, std=128.0)
 
 
 @lru_cache(maxsize=32)
@@ -32,11 +36,15 @@ def _anchor_centres(height: int, width: int, stride: int) -> np.ndarray:
 
 
 class SCRFD(Detector):
-    """SCRFD with 5 keypoints, any input size divisible by 32."""
+    """SCRFD with 5 keypoints, any input height and width divisible by 32."""
 
     def __init__(self, path: Path, settings: DetectorSettings, providers: Sequence[str],
-                 intra_op_threads: int = 0) -> None:
-        super().__init__(settings)
+                 intra_op_threads: int = 0, spec: DetectorSpec | None = None) -> None:
+        spec = spec or DetectorSpec()
+        super().__init__(settings, spec)
+        self.bgr = (spec.colour or DEFAULT_SPEC.colour) == "BGR"
+        self.mean = DEFAULT_SPEC.mean if spec.mean is None else spec.mean
+        self.std = DEFAULT_SPEC.std if spec.std is None else spec.std
         self.session = create_session(path, providers, intra_op_threads)
         self.input_name = self.session.get_inputs()[0].name
         outputs = self.session.get_outputs()
@@ -47,18 +55,19 @@ class SCRFD(Detector):
         self.provider = provider_in_use(self.session)
 
     def _detect(self, rgb: np.ndarray, s: DetectorSettings) -> list[Detection]:
-        """Letterbox to ``input_size`` (top-left, zero pad), run, decode, NMS, map back."""
-        size = max(32, int(round(s.input_size / 32)) * 32)
+        """Resize by the input scale, zero-pad bottom/right to the network shape, run, decode, NMS, map back."""
         h, w = rgb.shape[:2]
-        scale = size / max(h, w)
-        nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-        canvas = np.zeros((size, size, 3), dtype=np.uint8)
-        canvas[:nh, :nw] = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        scale, net_h, net_w = self.input_shape(h, w, s)
+        nh, nw = min(net_h, max(1, round(h * scale))), min(net_w, max(1, round(w * scale)))
+        canvas = np.zeros((net_h, net_w, 3), dtype=np.uint8)
+        canvas[:nh, :nw] = rgb if (nh, nw) == (h, w) else cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        if self.bgr:
+            canvas = canvas[..., ::-1]
         blob = canvas.transpose(2, 0, 1)[None].astype(np.float32)
-        blob -= MEAN
-        blob *= 1.0 / STD
+        blob -= np.float32(self.mean)
+        blob *= np.float32(1.0 / self.std)
         outs = self.session.run(self.output_names, {self.input_name: blob})
-        boxes, kps, scores = self._decode(outs, size, s.score_threshold)
+        boxes, kps, scores = self._decode(outs, net_h, net_w, s.score_threshold)
         if scores.size == 0:
             return []
         keep = nms(boxes, scores, s.nms_threshold)
@@ -67,7 +76,8 @@ class SCRFD(Detector):
                 for b, k, s in zip(boxes, kps, scores)]
 
     @staticmethod
-    def _decode(outs: list[np.ndarray], size: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode(outs: list[np.ndarray], height: int, width: int,
+                threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Distances x stride from anchor centres -> boxes [n,4], keypoints [n,5,2], scores [n]."""
         all_boxes, all_kps, all_scores = [], [], []
         n = len(STRIDES)
@@ -76,7 +86,7 @@ class SCRFD(Detector):
             pos = np.nonzero(scores >= threshold)[0]
             if pos.size == 0:
                 continue
-            centres = _anchor_centres(size // stride, size // stride, stride)[pos]
+            centres = _anchor_centres(height // stride, width // stride, stride)[pos]
             dist = outs[i + n].reshape(-1, 4)[pos] * stride
             kps = outs[i + 2 * n].reshape(-1, 10)[pos].reshape(-1, 5, 2) * stride
             all_boxes.append(np.hstack([centres - dist[:, :2], centres + dist[:, 2:]]))

@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 
 from crfiqa.service.detect.base import Detector, DetectorSettings
+from crfiqa.service.errors import ModelError
+from crfiqa.service.registry import DetectorSpec
 from crfiqa.service.results import Detection
 
 NMS_THRESHOLD = 0.3  # OpenCV Zoo's setting for YuNet
@@ -16,10 +18,16 @@ TOP_K = 5000
 
 
 class YuNet(Detector):
-    """YuNet: BGR 0-255 input; images larger than ``input_size`` are downscaled for speed."""
+    """YuNet: BGR 0-255 input; images larger than the largest input size are downscaled for speed."""
 
-    def __init__(self, path: Path, settings: DetectorSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, path: Path, settings: DetectorSettings, spec: DetectorSpec | None = None) -> None:
+        spec = spec or DetectorSpec()
+        super().__init__(settings, spec)
+        # cv2.FaceDetectorYN feeds raw pixels in the image's channel order: nothing else is configurable.
+        if (spec.mean or 0.0) != 0.0 or (1.0 if spec.std is None else spec.std) != 1.0:
+            raise ModelError(f"{path}: YuNet takes raw 0-255 pixels; the manifest says mean={spec.mean}, "
+                             f"std={spec.std}", code="bad_manifest")
+        self.rgb_input = spec.colour == "RGB"
         self.path = str(path)
         self._local = threading.local()  # FaceDetectorYN keeps per-call state: one instance per thread
 
@@ -33,15 +41,16 @@ class YuNet(Detector):
         return net
 
     def _detect(self, rgb: np.ndarray, s: DetectorSettings) -> list[Detection]:
-        """Run at the image's own size (capped at ``input_size`` on the longer side)."""
+        """Run at the network scale of ``input_shape`` (FaceDetectorYN pads to its stride itself)."""
         h, w = rgb.shape[:2]
-        scale = min(1.0, s.input_size / max(h, w))
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        if scale < 1.0:
-            bgr = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        scale = self.input_shape(h, w, s)[0]
+        image = rgb if self.rgb_input else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        if scale != 1.0:
+            image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                               interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         net = self._net(s.score_threshold)
-        net.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, faces = net.detect(bgr)
+        net.setInputSize((image.shape[1], image.shape[0]))
+        _, faces = net.detect(image)
         if faces is None:
             return []
         out = []

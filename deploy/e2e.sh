@@ -191,7 +191,9 @@ build_image() {  # build_image EXTRA DOCKERFILE TAG
   rm -rf "$ctx" && mkdir -p "$ctx"
   git ls-files -z --cached --others --exclude-standard | tar --null -T - -c | tar -x -C "$ctx"
   cp -l "$wh"/*.whl "$ctx/docker/wheelhouse/" 2>/dev/null || cp "$wh"/*.whl "$ctx/docker/wheelhouse/"
-  "$DOCKER" build -q --build-arg BASE_IMAGE="$base" -f "$ctx/$dockerfile" -t "$tag" "$ctx" >/dev/null
+  # --network none: the build must not need the network at all, only the wheelhouse.
+  "$DOCKER" build -q --network none --build-arg BASE_IMAGE="$base" -f "$ctx/$dockerfile" -t "$tag" "$ctx" \
+    >/dev/null
   rm -rf "$ctx"
 }
 build_image cpu docker/Dockerfile crfiqa:cpu
@@ -226,5 +228,9 @@ models=${CRFIQA_E2E_MODELS:-}
 log "checks: container crfiqa:cpu, then compose with $prometheus (models $models)"
 "$py" deploy/e2e_checks.py container --image crfiqa:cpu --models "$models"
 "$py" deploy/e2e_checks.py compose --image crfiqa:cpu --prometheus-image "$prometheus" --models "$models"
-[ "${CRFIQA_DOCKER_GPU:-0}" = 1 ] && "$DOCKER" image ls crfiqa:gpu --format 'image crfiqa:gpu {{.Size}}'
+images=(crfiqa:cpu "$prometheus" "$base")
+[ "${CRFIQA_DOCKER_GPU:-0}" = 1 ] && images+=(crfiqa:gpu)
+for image in "${images[@]}"; do
+  log "image $image: $(( $("$DOCKER" image inspect -f '{{.Size}}' "$image") / 1000000 )) MB"
+done
 log "all Docker checks passed"

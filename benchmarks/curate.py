@@ -22,6 +22,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,38 @@ def per_image_ms(stages: dict) -> dict[str, float]:
     """Stage milliseconds per image from summed stage seconds."""
     n = stages.get("images", 1)
     return {k.removeprefix("t_"): 1000 * v / n for k, v in stages.items() if k != "images"}
+
+
+def cpu_costs(paths: list[Path], settings, n: int = 48) -> dict[str, float]:
+    """CPU milliseconds per image of each stage on one thread (``thread_time``, so other processes on the
+    machine inflate it far less than wall time): the costs docs/scale.md builds its throughput model on."""
+    from crfiqa.service.align import align_face
+    from crfiqa.service.pipeline import Pipeline
+
+    pipe = Pipeline(replace(settings, intra_op_threads=1))  # one ORT thread: it runs on the calling thread
+    pipe.load()
+    sample = paths[:n]
+    pipe.score(np.stack([align_face(pipe.decode(sample[0]).rgb, d.landmarks)
+                         for d in pipe.detect(pipe.decode(sample[0]).rgb)][:1]))  # warm-up
+    costs = dict.fromkeys(("decode", "detect", "align", "score"), 0.0)
+    faces = 0
+    for p in sample:
+        t = time.thread_time()
+        image = pipe.decode(p)
+        t1 = time.thread_time()
+        dets = pipe.detect(image.rgb)
+        t2 = time.thread_time()
+        crops = np.stack([align_face(image.rgb, d.landmarks) for d in dets]) if dets else None
+        t3 = time.thread_time()
+        if crops is not None:
+            pipe.score(crops)
+            faces += len(crops)
+        t4 = time.thread_time()
+        for k, v in zip(costs, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
+            costs[k] += v
+    out = {k: 1000 * v / len(sample) for k, v in costs.items()}
+    out["faces_per_image"] = faces / len(sample)
+    return out
 
 
 def command(argv: list[str], env: dict) -> float:
@@ -91,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {"images": len(paths), "machine": f"{platform.machine()} {os.cpu_count()} cores",
                  "load_avg_start": os.getloadavg()[0]}
     try:
+        out["cpu_ms_per_image"] = cpu_costs(paths, settings)
         t = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE,
                  configure_logging=False, log_to_driver=False)
@@ -134,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{'crfiqa curate command end to end (starts Ray)':<52}{n / out['curate_cmd_s']:>10.2f}"
               f"{out['score_cmd_s'] / out['curate_cmd_s']:>10.2f}")
     print(f"local Ray start: {out['ray_start_s']:.1f} s")
+    print("CPU ms per image, one thread (thread_time): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_ms_per_image"].items()))
     print("curate stage time, ms per image (summed over workers): "
           + ", ".join(f"{k} {v:.1f}" for k, v in out["stage_ms_per_image"].items()))
     if "aligned_rec_img_s" in out:

@@ -56,21 +56,22 @@ def apply_filter(scores: pa.Table, min_score: float | None = None,
     """Keep images scoring >= ``min_score``, or drop the ``drop_fraction`` lowest-scoring scored images
     (exactly floor(F x scored) of them; ties broken by item order)."""
     paths, values, status, identities = image_scores(scores)
-    scored = [i for i, v in enumerate(values) if v is not None]
+    valid = {i: v for i, v in enumerate(values) if v is not None}
+    scored = list(valid)
     if min_score is not None:
-        keep = {i for i in scored if values[i] >= min_score}
+        keep = {i for i in scored if valid[i] >= min_score}
         rule = f"quality_score >= {min_score:g}"
     elif drop_fraction is not None:
         n_drop = math.floor(drop_fraction * len(scored))
-        order = sorted(scored, key=lambda i: (values[i], i))
+        order = sorted(scored, key=lambda i: (valid[i], i))
         keep = set(order[n_drop:])
         rule = f"drop the lowest {drop_fraction:.1%} ({n_drop} images)"
     else:
         raise ValueError("a filter needs min_score or drop_fraction")
     kept = [i in keep for i in range(len(paths))]
-    kept_scores = [values[i] for i in keep]
+    kept_scores = [valid[i] for i in keep]
     # The line the report draws: the rule's own threshold, or the lowest score a fraction kept.
-    threshold = min_score if min_score is not None else min(kept_scores) if kept_scores else math.nan
+    threshold: float = min_score if min_score is not None else min(kept_scores) if kept_scores else math.nan
     dropped = {"low_score": len(scored) - len(keep),
                "no_face": sum(1 for i, v in enumerate(values) if v is None and status[i] == "ok"),
                "error": sum(1 for s in status if s != "ok")}

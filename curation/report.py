@@ -128,8 +128,9 @@ def render(data: ReportData) -> str:
     by_status = Counter(st for st, _ in per_image)
     by_code = Counter(code for st, code in per_image if st != "ok")
     parts.append('<section id="status"><h2>Status and error codes</h2>' +
-                 _table(["status", "images"], sorted(by_status.items()), "status") +
-                 _table(["error code", "images"], sorted(by_code.items(), key=lambda r: (-r[1], r[0])), "codes") +
+                 _table(["status", "images"], [list(r) for r in sorted(by_status.items())], "status") +
+                 _table(["error code", "images"], [list(r) for r in sorted(by_code.items(), key=lambda r: (-r[1], r[0]))],
+                        "codes") +
                  "</section>")
     parts.append(_filter_section(data.filter))
     if data.stages:

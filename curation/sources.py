@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.imaging import list_images
+
+if TYPE_CHECKING:
+    from crfiqa.training.data.recordio import RecordIO
 
 #: Separator between a RecordIO file and a record key in an item's name: ``train.rec#17``.
 REC_SEP = "#"
@@ -109,7 +113,7 @@ class Loader:
 
     def __init__(self, rec: str | None) -> None:
         self.rec = rec
-        self._reader = None
+        self._reader: RecordIO | None = None
 
     def load(self, name: str, key: int) -> tuple[str | tuple[str, bytes], str | None]:
         """(prepare's source, the record's identity or None); a broken record is a typed ``unreadable``."""

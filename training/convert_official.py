@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from crfiqa.training.backbones import create_backbone
+from crfiqa.training.checkpoint import load_state_dict_checked
 from crfiqa.training.export import finish_export
 
 ARCHS = ("iresnet50", "iresnet100")  # CR-FIQA(S) = iresnet50 32572backbone.pth, (L) = iresnet100 181952backbone.pth
@@ -16,20 +17,12 @@ def load_official(path: str | Path, arch: str):
     """The iResNet with the checkpoint's weights; any missing or unexpected key is an error listing them."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     model = create_backbone(arch)
-    own = model.state_dict()
-    optional = {k for k in own if k.endswith("num_batches_tracked")}  # not always saved upstream
-    missing = sorted(set(own) - set(state) - optional)
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} is not a CR-FIQA {arch} checkpoint: missing keys {missing}, "
-                         f"unexpected keys {unexpected}, wrong shapes {wrong}")
-    model.load_state_dict(state, strict=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        load_state_dict_checked(model, state, path)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a CR-FIQA {arch} checkpoint: {exc}") from exc
     return model.eval()
 
 

@@ -6,18 +6,23 @@ import datetime
 import logging
 import math
 import subprocess
+import tempfile
+import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 import torch
 from torch import nn
 
-from crfiqa.service.facemodel import calibrate
+from crfiqa.service.facemodel import QualityModel, calibrate
 from crfiqa.service.preprocess import QUALITY_INPUT, to_blob
-from crfiqa.service.registry import Calibration, sha256_file
+from crfiqa.service.registry import Calibration, ModelEntry, sha256_file
 from crfiqa.service.runtime import create_session
 from crfiqa.training.backbones import QualityNet, create_backbone
 from crfiqa.training.config import TrainConfig
+from crfiqa.training.optimise import OptimiseReport, op_counts, optimise_onnx
 
 log = logging.getLogger("crfiqa.export")
 OPSET = 17
@@ -38,15 +43,43 @@ class _Contract(nn.Module):
         return out.embedding, out.quality
 
 
-def export_onnx(model: QualityNet, out: str | Path) -> Path:
-    """Write ``model`` (eval mode) as ONNX with a dynamic batch, opset 17."""
+def export_raw(model: QualityNet, out: str | Path) -> Path:
+    """Write ``model`` (eval mode) as ONNX with a dynamic batch, opset 17, as torch exports it (unoptimised)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    torch.onnx.export(_Contract(model), (torch.zeros(2, 3, 112, 112),), str(out), input_names=["input"],
-                      output_names=["embedding", "quality"], opset_version=OPSET, dynamo=False,
-                      dynamic_axes={"input": {0: "N"}, "embedding": {0: "N"}, "quality": {0: "N"}})
+    # Eval-mode export folds Conv+BatchNorm itself; a BatchNorm after a Linear is folded by optimise_onnx.
+    # The TorchScript exporter on purpose (dynamo=False): it needs no onnxscript and gives the plain graph.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(_Contract(model), (torch.zeros(2, 3, 112, 112),), str(out), input_names=["input"],
+                          output_names=["embedding", "quality"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"input": {0: "N"}, "embedding": {0: "N"}, "quality": {0: "N"}})
     return out
+
+
+def export_onnx(model: QualityNet, out: str | Path, optimise: bool = True,
+                crops: np.ndarray | None = None) -> Path:
+    """Write ``model`` as ONNX; ``optimise`` (default) runs ``optimise_onnx`` last, parity-checked against the
+    unoptimised export on random inputs and ``crops`` (aligned RGB faces)."""
+    if not optimise:
+        return export_raw(model, out)
+    optimised_export(model, out, crops)
+    return Path(out)
+
+
+def optimised_export(model: QualityNet, out: str | Path, crops: np.ndarray | None = None) -> OptimiseReport:
+    """Export unoptimised to a temporary file, then write the optimised graph to ``out``; the report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = export_raw(model, Path(tmp) / "raw.onnx")
+        return optimise_onnx(raw, out, _blobs(crops))
+
+
+def _blobs(crops: np.ndarray | None) -> list[np.ndarray]:
+    """Model inputs (batches of at most 32) of aligned RGB crops, for parity checks."""
+    if crops is None or not len(crops):
+        return []
+    return [to_blob(crops[i:i + 32], QUALITY_INPUT) for i in range(0, min(len(crops), 128), 32)]
 
 
 def check_parity(model: QualityNet, onnx_path: str | Path, crops: np.ndarray | None = None, seed: int = 0) -> float:
@@ -75,28 +108,40 @@ def fit_calibration(raw: np.ndarray) -> Calibration:
     return Calibration(centre=float(p50), scale=float(max((p90 - p10) / (2 * LOGIT_80), 1e-6)))
 
 
-def onnx_quality(onnx_path: str | Path, crops: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Raw quality of aligned RGB crops from the exported file."""
-    session = create_session(onnx_path, ("CPUExecutionProvider",))
-    parts = [session.run(["quality"], {"input": to_blob(crops[i:i + batch], QUALITY_INPUT)})[0]
-             for i in range(0, len(crops), batch)]
-    return np.concatenate(parts)[:, 0] if parts else np.zeros(0)
+def onnx_quality(onnx_path: str | Path, crops: np.ndarray) -> np.ndarray:
+    """Raw quality of aligned RGB crops from the exported file (the service's quality adapter, which chunks)."""
+    path = Path(onnx_path)
+    entry = ModelEntry(name=path.stem, role="quality", family="crfiqa", file=path.name, sha256=None)
+    return QualityModel(path, entry, ("CPUExecutionProvider",)).predict(crops)
+
+
+def sidecar_table(name: str, description: str, calibration: Calibration, licence: str, provenance: dict,
+                  version: str = "1") -> dict:
+    """The ``[model]`` table of a quality model of the CR-FIQA contract (file, hash and size are added on write)."""
+    return {
+        "name": name, "role": "quality", "family": "crfiqa", "version": version, "licence": licence,
+        "description": description,
+        "input": {"size": 112, "colour": "RGB", "mean": 127.5, "std": 127.5},
+        "outputs": {"quality": "quality", "embedding": "embedding"},
+        "calibration": {"centre": round(calibration.centre, 6), "scale": round(calibration.scale, 6)},
+        "provenance": {k: str(v) for k, v in provenance.items()},
+    }
 
 
 def write_sidecar(onnx_path: Path, name: str, arch: str, calibration: Calibration, provenance: dict,
                   licence: str, version: str = "1") -> Path:
     """``<model>.toml``: the manifest entry for this file (also what ``--model PATH.onnx`` reads)."""
-    lines = [
-        "[model]", f'name = "{name}"', 'role = "quality"', 'family = "crfiqa"', f'version = "{version}"',
-        f'file = "{onnx_path.name}"', f'sha256 = "{sha256_file(onnx_path)}"', f"size = {onnx_path.stat().st_size}",
-        f'licence = "{licence}"', f'description = "CR-FIQA quality model ({arch})"',
-        'input = { size = 112, colour = "RGB", mean = 127.5, std = 127.5 }',
-        'outputs = { quality = "quality", embedding = "embedding" }',
-        f"calibration = {{ centre = {calibration.centre:.6f}, scale = {calibration.scale:.6f} }}",
-        "provenance = { " + ", ".join(f'{k} = "{v}"' for k, v in {"arch": arch, **provenance}.items()) + " }",
-    ]
+    table = sidecar_table(name, f"CR-FIQA quality model ({arch})", calibration, licence,
+                          {"arch": arch, **provenance}, version)
+    return write_sidecar_table(onnx_path, table)
+
+
+def write_sidecar_table(onnx_path: Path, table: dict) -> Path:
+    """Write ``[model]`` = ``table`` with this file's name, sha256 and size beside ``onnx_path`` (a TOML writer:
+    any string, quotes and backslashes included, round-trips)."""
+    table = {**table, "file": onnx_path.name, "sha256": sha256_file(onnx_path), "size": onnx_path.stat().st_size}
     path = onnx_path.with_suffix(".toml")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps({"model": table}))
     return path
 
 
@@ -119,9 +164,9 @@ def reference_crops(paths: list[str], limit: int = 2000) -> np.ndarray:
 
 def finish_export(model: QualityNet, out: Path, arch: str, name: str, reference: list[str] | None,
                   provenance: dict, licence: str) -> dict:
-    """Export, check parity, calibrate on the reference faces, and write the sidecar manifest entry."""
-    export_onnx(model, out)
+    """Export (optimised), check parity, calibrate on the reference faces, and write the sidecar manifest entry."""
     crops = reference_crops(reference) if reference else None
+    report = optimised_export(model, out, crops)
     diff = check_parity(model, out, crops)
     if crops is not None and len(crops):
         calibration = fit_calibration(onnx_quality(out, crops))
@@ -132,7 +177,8 @@ def finish_export(model: QualityNet, out: Path, arch: str, name: str, reference:
     sidecar = write_sidecar(out, name, arch, calibration, provenance, licence)
     score = calibrate(np.array([calibration.centre]), calibration)[0]
     return {"onnx": str(out), "sidecar": str(sidecar), "parity": diff, "centre": calibration.centre,
-            "scale": calibration.scale, "score_at_centre": float(score), "reference_faces": 0 if crops is None else len(crops)}
+            "scale": calibration.scale, "score_at_centre": float(score), "reference_faces": 0 if crops is None else len(crops),
+            "optimised": report.to_dict(), "ops": op_counts(out)}
 
 
 def _commit() -> str:
@@ -144,9 +190,45 @@ def _commit() -> str:
         return "unknown"
 
 
+def reoptimise(src: str | Path, out: str | Path, reference: list[str] | None = None, name: str | None = None) -> dict:
+    """``crfiqa export MODEL.onnx``: re-optimise an existing quality export (no checkpoint needed).
+
+    Parity with ``src`` is checked on random inputs and the reference faces. The sidecar of ``src`` (if any) is
+    carried over with the new hash; without one, the calibration is fitted on the reference faces."""
+    src, out = Path(src), Path(out)
+    _check_contract(src)
+    crops = reference_crops(reference) if reference else None
+    old_sidecar = src.with_suffix(".toml")
+    table = tomllib.loads(old_sidecar.read_text()).get("model", {}) if old_sidecar.is_file() else None
+    source = f"{src.name} (sha256 {sha256_file(src)})"  # before an in-place rewrite replaces it
+    report = optimise_onnx(src, out, _blobs(crops))
+    if table is None:
+        calibration = fit_calibration(onnx_quality(out, crops)) if crops is not None and len(crops) else Calibration()
+        table = sidecar_table(name or out.stem, f"CR-FIQA quality model (from {src.name})", calibration,
+                              "unknown: as the source model's", {})
+    if name:
+        table["name"] = name
+    table["provenance"] = {**table.get("provenance", {}), "optimised_from": source,
+                           "optimised": datetime.date.today().isoformat()}
+    sidecar = write_sidecar_table(out, table)
+    return {"onnx": str(out), "sidecar": str(sidecar), "optimised": report.to_dict(), "ops": op_counts(out),
+            "reference_faces": 0 if crops is None else len(crops)}
+
+
+def _check_contract(path: Path) -> None:
+    """Refuse a graph that is not a quality model of the contract (one input, outputs quality and embedding)."""
+    session = create_session(path, ("CPUExecutionProvider",))
+    outputs = {o.name for o in session.get_outputs()}
+    if len(session.get_inputs()) != 1 or not {"quality", "embedding"} <= outputs:
+        raise ValueError(f"{path} is not a quality model of the CR-FIQA contract (outputs {sorted(outputs)})")
+
+
 def export_checkpoint(ckpt_path: str, out: str, reference: list[str] | None = None, name: str | None = None) -> dict:
-    """``crfiqa export``: a training checkpoint -> quality ONNX model + manifest entry."""
+    """``crfiqa export``: a training checkpoint -> quality ONNX model + manifest entry (an ``.onnx``: re-optimised)."""
     from crfiqa.training.train import build_model, load_checkpoint
+
+    if str(ckpt_path).endswith(".onnx"):
+        return reoptimise(ckpt_path, out, reference, name)
 
     ckpt = load_checkpoint(ckpt_path)
     cfg = TrainConfig(**ckpt["config"])

@@ -23,7 +23,7 @@ SUPPORTED = ("Conv", "PRelu", "Add", "Flatten", "Gemm", "BatchNormalization")
 class _AnyRankBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over dim 1 for inputs of any rank (ONNX BatchNormalization)."""
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 - torch's signature
+    def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
 
@@ -42,15 +42,32 @@ class _Flatten(nn.Module):
         return torch.flatten(x, self.axis)
 
 
-class _PReLU(nn.Module):
-    """PReLU with ONNX's broadcastable slope (e.g. [C,1,1])."""
+class _PReLU(nn.PReLU):
+    """``nn.PReLU`` from ONNX's per-channel slope ([C,1,...,1], [C] or [1]): exports back as one ``PRelu``.
+
+    Checkpoints saved before the importer built ``nn.PReLU`` hold the ONNX-shaped slope [C,1,1]; it is
+    reshaped on load (same values, same order).
+    """
 
     def __init__(self, slope: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(slope)
+        if any(d != 1 for d in slope.shape[1:]):
+            raise ValueError(f"PRelu slope of shape {list(slope.shape)} is not per-channel")
+        super().__init__(num_parameters=slope.numel())
+        # A 1-D slope of C > 1 broadcasts over ONNX's last axis: the channel axis only for 2-D inputs.
+        self.channel_last_1d = slope.dim() == 1 and slope.numel() > 1
+        self.weight.data.copy_(slope.reshape(-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x >= 0, x, x * self.weight)
+        if self.channel_last_1d and x.dim() != 2:
+            raise ValueError(f"PRelu slope [C] on a {x.dim()}-D input: per-last-axis slopes are not supported")
+        return super().forward(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].shape != self.weight.shape \
+                and state_dict[key].numel() == self.weight.numel():
+            state_dict[key] = state_dict[key].reshape(self.weight.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from crfiqa.training.backbones import QualityNet, create_backbone
+from crfiqa.training.checkpoint import load_state_dict_checked
 from crfiqa.training.config import TrainConfig
 from crfiqa.training.data import open_dataset
 from crfiqa.training.data.augment import build_augmentations
@@ -85,15 +86,7 @@ class EpochSampler(Sampler[int]):
 
 def load_init_backbone(model: QualityNet, path: str) -> None:
     """Load an arcface_torch-layout iResNet state dict (shapes checked; ``qs`` stays fresh)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("qs.")}
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("qs.")}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}, wrong shape {wrong[:10]}")
-    model.load_state_dict(state, strict=False)
+    load_state_dict_checked(model, torch.load(path, map_location="cpu", weights_only=True), path, exclude=("qs.",))
 
 
 def build_model(cfg: TrainConfig) -> QualityNet:

@@ -56,6 +56,13 @@ class SCRFD(Detector):
 
     def _detect(self, rgb: np.ndarray, s: DetectorSettings) -> list[Detection]:
         """Resize by the input scale, zero-pad bottom/right to the network shape, run, decode, NMS, map back."""
+        blob, scale, net_h, net_w = self._blob(rgb, s)
+        outs = self.session.run(self.output_names, {self.input_name: blob})
+        return self._postprocess(outs, scale, net_h, net_w, s)
+
+    def _blob(self, rgb: np.ndarray, s: DetectorSettings) -> tuple[np.ndarray, float, int, int]:
+        """The network input [1,3,H,W] for an image, its resize scale and the network height and width
+        (split from ``_detect`` so the batched detector, service/detect/batched.py, stacks the same blobs)."""
         h, w = rgb.shape[:2]
         scale, net_h, net_w = self.input_shape(h, w, s)
         nh, nw = min(net_h, max(1, round(h * scale))), min(net_w, max(1, round(w * scale)))
@@ -66,7 +73,11 @@ class SCRFD(Detector):
         blob = canvas.transpose(2, 0, 1)[None].astype(np.float32)
         blob -= np.float32(self.mean)
         blob *= np.float32(1.0 / self.std)
-        outs = self.session.run(self.output_names, {self.input_name: blob})
+        return blob, scale, net_h, net_w
+
+    def _postprocess(self, outs: list[np.ndarray], scale: float, net_h: int, net_w: int,
+                     s: DetectorSettings) -> list[Detection]:
+        """One image's 9 outputs -> detections in image coordinates (decode, NMS, undo the scale)."""
         boxes, kps, scores = self._decode(outs, net_h, net_w, s.score_threshold)
         if scores.size == 0:
             return []

@@ -15,7 +15,7 @@ from tests.server import Server
 
 KEY = "contract-key"
 ERROR_STATUSES = {"/v1/quality": {"401", "408", "413", "415", "422", "429", "503"}, "/v1/models": {"401", "429"},
-                  "/readyz": {"503"}}
+                  "/v1/best": {"401", "408", "413", "415", "422", "429", "503"}, "/readyz": {"503"}}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,6 @@ def test_schemathesis_finds_nothing(server: Server, tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-8000:]
-    assert "No issues found" in out and "Operations:       5 selected / 5 total" in out, out[-3000:]
-    # The examples phase ran the documented example (a real image, scored).
-    assert "Examples" in out and " 1 passed" in out
+    assert "No issues found" in out and "Operations:       6 selected / 6 total" in out, out[-3000:]
+    # The examples phase ran the documented example (a real image, scored) on /v1/quality and /v1/best.
+    assert "Examples" in out and " 2 passed" in out

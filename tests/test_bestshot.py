@@ -142,3 +142,43 @@ def test_bad_every_is_a_typed_error(pipeline: Pipeline) -> None:
     with pytest.raises(CrfiqaError) as info:
         best_shots(pipeline, [LFW / "images" / PEOPLE[0]], every=0)
     assert info.value.code == "bad_argument"
+
+
+def test_api_best_and_quality_components(tmp_path: Path) -> None:
+    """A real ``crfiqa serve`` process: ``POST /v1/best`` with two mixed bursts in one multipart request, and
+    ``components=true`` on ``POST /v1/quality``."""
+    import httpx
+
+    from crfiqa.service.components import COMPONENT_NAMES
+    from tests.server import Server
+
+    a = write_burst(tmp_path, PEOPLE[0])
+    b = write_burst(tmp_path, PEOPLE[1])
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in [*a.values(), *b.values()]]
+    files.append(("images", ("broken.jpg", b"\xff\xd8\xff not a jpeg", "image/jpeg")))
+    srv = Server(env={"CRFIQA_WARMUP_ROUNDS": "1"}, log=tmp_path / "server.log")
+    try:
+        srv.wait_ready(300)
+        r = httpx.post(srv.url + "/v1/best", files=files, timeout=300)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["embedder"] == {"name": "w600k_mbf", "threshold": 0.30}
+        ids = body["identities"]
+        assert [x["count"] for x in ids] == [6, 6]
+        assert {x["best"]["id"] for x in ids} == {a["clean"].name, b["clean"].name}
+        assert all(x["runner_up"]["id"] != x["best"]["id"] for x in ids)
+        assert list(ids[0]["best"]["components"]) == list(COMPONENT_NAMES)
+        assert [e["id"] for e in body["errors"]] == ["broken.jpg"] and body["errors"][0]["status"] == "error"
+
+        one = [("images", (a["clean"].name, a["clean"].read_bytes(), "image/png"))]
+        r = httpx.post(srv.url + "/v1/quality", files=one, params={"components": "true"}, timeout=120)
+        assert r.status_code == 200, r.text
+        face = r.json()["results"][0]["faces"][0]
+        assert list(face["components"]) == list(COMPONENT_NAMES)
+        assert set(face["components"]["yaw"]) == {"value", "unit", "score"}
+        r = httpx.post(srv.url + "/v1/quality", files=one, timeout=120)
+        assert "components" not in r.json()["results"][0]["faces"][0]
+        spec = httpx.get(srv.url + "/openapi.json", timeout=30).json()
+        assert "/v1/best" in spec["paths"]
+    finally:
+        srv.stop()

@@ -31,6 +31,8 @@ class Options(BaseModel):
     select: Literal["center", "largest", "score"] | None = Field(
         None, description="keep one face per image: box centre nearest the image centre, largest box, or "
                           "highest detection score (default: all faces)")
+    components: bool = Field(False, description="add each face's quality components (pose, sharpness, "
+                                                "exposure, ...; docs/components.md)")
 
     @field_validator("max_faces", mode="before")
     @classmethod
@@ -85,6 +87,15 @@ class QualityOut(BaseModel):
     score: float = Field(..., ge=0, le=100, description="raw mapped to 0-100 by the model's calibrated logistic")
 
 
+class ComponentOut(BaseModel):
+    """One quality component of a face (docs/components.md)."""
+
+    value: float = Field(..., description="the native measure, in `unit`")
+    unit: str = Field(..., description="px, deg, fraction, bits, ratio, index or grey levels")
+    score: float | None = Field(None, ge=0, le=100, description="0-100, higher = better (absent where no "
+                                                                "mapping is defined)")
+
+
 class FaceOut(BaseModel):
     """One face."""
 
@@ -94,6 +105,8 @@ class FaceOut(BaseModel):
         None, description="5 points [x, y] in image pixels: left eye, right eye, nose, left and right mouth "
                           "corner (absent with return_landmarks=false)")
     quality: QualityOut = Field(..., description="the face's quality")
+    components: dict[str, ComponentOut] | None = Field(None, description="quality components by name "
+                                                                         "(with components=true)")
 
 
 class ImageOut(BaseModel):

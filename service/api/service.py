@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class Scored:
     results: list[ImageResult]
     prepare_s: float
     quality_s: float
+    prepared: list[Prepared] = field(default_factory=list)  # the images' crops (POST /v1/best embeds them)
 
 
 class Service:
@@ -144,12 +145,12 @@ class Service:
     def options(self, opts: Options) -> PipelineOptions:
         """The pipeline options of a request's options."""
         if opts.aligned:
-            return PipelineOptions(aligned=True)
+            return PipelineOptions(aligned=True, components=opts.components)
         cap = self.settings.max_faces_per_image  # bounds the work one image can cause
         det = self.pipeline.detection_settings(max_faces=min(opts.max_faces or cap, cap),
                                                min_face_size=opts.min_face_size,
                                                score_threshold=opts.det_threshold)
-        return PipelineOptions(select=opts.select, detection=det)
+        return PipelineOptions(select=opts.select, detection=det, components=opts.components)
 
     def prepare(self, upload: Upload, opts: PipelineOptions) -> Prepared:
         """The pipeline's prepare stage for one uploaded image (base64 decoded first); never raises."""
@@ -189,4 +190,4 @@ class Service:
         results = [self.pipeline.finish(p, None if error else raw[a:b], error=error)
                    for p, a, b in zip(prepared, offsets[:-1], offsets[1:])]
         self.metrics.observe_images(prepared, results)
-        return Scored(results, t1 - t0, t2 - t1)
+        return Scored(results, t1 - t0, t2 - t1, list(prepared))

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from crfiqa.service.api.routes import health, models, quality
+from crfiqa.service.api.routes import best, health, models, quality
 
-ROUTERS = [quality.router, models.router, health.router]
+ROUTERS = [quality.router, best.router, models.router, health.router]

@@ -66,7 +66,8 @@ def build_failing_model(path: Path, trigger: str = "white") -> Path:
 
 
 def build_stalling_model(path: Path, iterations_per_hit: int, trigger: str = "white") -> Path:
-    """Runs a Loop of ``iterations_per_hit`` x (trigger crops in the batch) steps: a stall the input sets."""
+    """Runs a Loop of ``iterations_per_hit`` x hits^4 steps (hits: trigger crops in the batch): one trigger
+    crop stalls a while, a few stall practically forever, whatever the machine's speed."""
     body = helper.make_graph(
         [_const("step", 1.0), helper.make_node("Add", ["acc_in", "step"], ["acc_out"]),
          helper.make_node("Identity", ["cond_in"], ["cond_out"])], "spin",
@@ -76,7 +77,8 @@ def build_stalling_model(path: Path, iterations_per_hit: int, trigger: str = "wh
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [])])
     nodes = [*_trigger(trigger), _const("per_hit", iterations_per_hit, np.int64),
-             helper.make_node("Mul", ["hits", "per_hit"], ["trips"]), _const("go", True, np.bool_),
+             helper.make_node("Mul", ["hits", "hits"], ["hits2"]), helper.make_node("Mul", ["hits2", "hits2"], ["hits4"]),
+             helper.make_node("Mul", ["hits4", "per_hit"], ["trips"]), _const("go", True, np.bool_),
              _const("start", 0.0), helper.make_node("Loop", ["trips", "go", "start"], ["spun"], body=body),
              _const("nothing", 0.0), helper.make_node("Mul", ["spun", "nothing"], ["zero"]), *_quality("zero")]
     return _save(nodes, "stall_on_" + trigger, path)

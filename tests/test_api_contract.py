@@ -86,7 +86,7 @@ def test_schemathesis_finds_nothing(server: Server, tmp_path: Path) -> None:
     """Every check, examples + coverage + fuzzing phases, a bounded number of cases per operation."""
     st = Path(sys.executable).with_name("st")
     cmd = [str(st), "run", server.url + "/openapi.json", "--checks", "all", "--phases", "examples,coverage,fuzzing",
-           "--max-examples", "25", "--workers", "1", "--request-timeout", "60", "-H", f"X-API-Key: {KEY}",
+           "--max-examples", "25", "--workers", "1", "--request-timeout", "60", "--max-response-time", "60", "-H", f"X-API-Key: {KEY}",
            "--report", "junit", "--report-dir", str(tmp_path)]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)

@@ -19,7 +19,8 @@ from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.imaging import decode_image
 from tests.helpers import SAMPLES
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, database=None,  # no .hypothesis/ left in the checkout
+                suppress_health_check=[HealthCheck.too_slow])
 SEEDS = [(SAMPLES / name).read_bytes() for name in ("Tom_Hanks_54745.png", "t1.jpg")]
 MAX_PIXELS = 4_000_000
 DECODE_CODES = {"empty_input", "too_many_bytes", "too_many_pixels", "unsupported_format", "corrupt_image"}

@@ -119,7 +119,7 @@ async def parse_multipart(request: Request, query: Options, limit: int) -> Parse
 
 
 async def read_request(request: Request, query: Options, limit: int,
-                       processes: Callable[[], Executor] | None = None, process_bytes: int = 0) -> Parsed:
+                       processes: Callable[[], Executor] | None = None, process_bytes: int = 1 << 20) -> Parsed:
     """The request's images and options, by content type. A JSON body of ``process_bytes`` or more is parsed
     and base64-decoded in a worker process: pydantic and binascii hold the GIL, so a thread would still stall
     the event loop; a small one is parsed here, cheaper than any hand-off."""

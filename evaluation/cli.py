@@ -15,6 +15,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--all-vs-all", type=Path, help="identity-folder dataset: every pair")
     p.add_argument("--images", type=Path, help="image root for --pairs (and for relative --embeddings paths)")
     p.add_argument("--max-impostors", type=int, default=0, help="all-vs-all: seeded sample of impostor pairs (0 = all)")
+    p.add_argument("--max-genuine-per-identity", type=int, default=0,
+                   help="all-vs-all: at most this many genuine pairs per identity (seeded sample; 0 = all)")
     p.add_argument("--recognition", default="sface_2021dec", help="recognition model (not the quality model)")
     p.add_argument("--flip-concat", action="store_true", help="embedding = own + mirror's (released CR-FIQA protocol)")
     p.add_argument("--embeddings", type=Path, help="precomputed .npz: paths (relative to --images), embeddings [N,D]")
@@ -46,6 +48,9 @@ def add_degrade_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--spec", type=Path, default=None, help="TOML overriding the chain's probabilities and ranges")
+    p.add_argument("--family", choices=["crfiqa", "ofiq"], default="crfiqa",
+                   help="crfiqa: evaluation/degradations.py (the training augmentation's operators); "
+                        "ofiq: ISO/IEC 29794-5 operators from ofiq-syngen that training never applies")
     p.add_argument("--detector", default=None)
     p.add_argument("--models-dir", type=Path, default=None)
 
@@ -56,7 +61,8 @@ def run_degrade(args: argparse.Namespace) -> int:
     from crfiqa.service.pipeline import Pipeline, PipelineSettings
 
     pipe = Pipeline(PipelineSettings(detector=args.detector, models_dir=args.models_dir))
-    print(json.dumps(degrade_dataset(args.src, args.out, args.seed, args.fraction, load_spec(args.spec), pipe)))
+    print(json.dumps(degrade_dataset(args.src, args.out, args.seed, args.fraction, load_spec(args.spec), pipe,
+                                     family=args.family)))
     return 0
 
 
@@ -76,7 +82,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     elif args.bin:
         proto = protocols.load_bin(args.bin)
     else:
-        proto = protocols.all_vs_all(args.all_vs_all, args.max_impostors, args.seed)
+        proto = protocols.all_vs_all(args.all_vs_all, args.max_impostors, args.seed, args.max_genuine_per_identity)
     pipe = Pipeline(PipelineSettings(detector=args.detector, models_dir=args.models_dir))
     faces = sources.find_faces(proto, pipe, args.select)
     if args.embeddings:

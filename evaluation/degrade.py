@@ -13,12 +13,16 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
+from crfiqa.evaluation import syngen
 from crfiqa.evaluation.degradations import EVAL_SPEC, ChainSpec, Step, apply_chain, draw_chain
 from crfiqa.service.detect.base import select_one
+from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.imaging import IMAGE_EXTENSIONS, read_image
 from crfiqa.service.pipeline import Pipeline
 
 FALLBACK_EYE_FRACTION = 0.3  # inter-eye distance assumed (of the image width) when no face is found
+FAMILIES = ("crfiqa", "ofiq")  # degradations.py (also the training augmentation) / syngen.py (never trained on)
+COLUMNS = ["path", "degraded", "eye_px", "steps", "error"]
 
 
 def load_spec(path: str | Path | None) -> ChainSpec:
@@ -32,16 +36,21 @@ def load_spec(path: str | Path | None) -> ChainSpec:
 
 
 def degrade_dataset(src: str | Path, out: str | Path, seed: int, fraction: float = 0.5,
-                    spec: ChainSpec = EVAL_SPEC, pipeline: Pipeline | None = None) -> dict:
+                    spec: ChainSpec = EVAL_SPEC, pipeline: Pipeline | None = None, family: str = "crfiqa") -> dict:
     """Copy ``src`` to ``out``; a seeded ``fraction`` of its images get a random degradation chain (drawn per
     image from (seed, relative path), so the output does not depend on order). Other files are copied as is.
-    The drawn parameters go to ``out/degradations.csv``."""
+    The drawn parameters go to ``out/degradations.csv``; an image that cannot be read or degraded is copied
+    unchanged and gets an ``error`` row, and the run goes on."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     src, out = Path(src), Path(out)
     files = sorted(p for p in src.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     chosen = set(random.Random(seed).sample(range(len(images)), round(fraction * len(images))))
-    pipeline = pipeline or Pipeline()
+    if family == "crfiqa" and pipeline is None:
+        pipeline = Pipeline()  # this family sizes resampling by the detected inter-eye distance
     rows = []
+    errors = 0
     for p in (q for q in files if q.suffix.lower() not in IMAGE_EXTENSIONS):
         (out / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(p, out / p.relative_to(src))
@@ -51,21 +60,34 @@ def degrade_dataset(src: str | Path, out: str | Path, seed: int, fraction: float
         target.parent.mkdir(parents=True, exist_ok=True)
         if k not in chosen:
             shutil.copyfile(path, target)
-            rows.append({"path": rel, "degraded": 0, "eye_px": "", "steps": "[]"})
+            rows.append({"path": rel, "degraded": 0, "eye_px": "", "steps": "[]", "error": ""})
             continue
-        rgb = read_image(path).rgb
-        faces = select_one(pipeline.detect(rgb), rgb.shape[1], rgb.shape[0], "center")
-        eye = (float(((faces[0].landmarks[1] - faces[0].landmarks[0]) ** 2).sum() ** 0.5) if faces
-               else FALLBACK_EYE_FRACTION * rgb.shape[1])
-        steps = draw_chain(random.Random(f"{seed}:{rel}"), eye, spec)
-        write_image(target, apply_chain(rgb, steps))
-        rows.append({"path": rel, "degraded": 1, "eye_px": f"{eye:.3f}",
-                     "steps": json.dumps([{"name": s.name, "params": s.params} for s in steps])})
+        try:
+            rgb = read_image(path).rgb
+            if family == "ofiq":
+                eye, drawn = None, syngen.draw_chain(random.Random(f"{seed}:{rel}"))
+                degraded, record = syngen.apply_chain(rgb, drawn), drawn
+            else:
+                faces = select_one(pipeline.detect(rgb), rgb.shape[1], rgb.shape[0], "center")
+                eye = (float(((faces[0].landmarks[1] - faces[0].landmarks[0]) ** 2).sum() ** 0.5) if faces
+                       else FALLBACK_EYE_FRACTION * rgb.shape[1])
+                steps = draw_chain(random.Random(f"{seed}:{rel}"), eye, spec)
+                degraded, record = apply_chain(rgb, steps), [{"name": s.name, "params": s.params} for s in steps]
+            write_image(target, degraded)
+        except (CrfiqaError, ValueError, cv2.error) as exc:  # one bad file must not abort the whole set
+            errors += 1
+            shutil.copyfile(path, target)
+            code = getattr(exc, "code", type(exc).__name__)
+            rows.append({"path": rel, "degraded": 0, "eye_px": "", "steps": "[]", "error": f"{code}: {exc}"})
+            continue
+        rows.append({"path": rel, "degraded": 1, "eye_px": "" if eye is None else f"{eye:.3f}",
+                     "steps": json.dumps(record), "error": ""})
     with open(out / "degradations.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["path", "degraded", "eye_px", "steps"])
+        writer = csv.DictWriter(fh, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    return {"images": len(images), "degraded": len(chosen), "seed": seed, "fraction": fraction}
+    return {"images": len(images), "degraded": len(chosen) - errors, "errors": errors, "seed": seed,
+            "fraction": fraction, "family": family}
 
 
 def write_image(path: Path, rgb) -> None:

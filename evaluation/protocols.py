@@ -66,8 +66,10 @@ def lfw_pairs(pairs_file: str | Path, images: str | Path) -> Protocol:
                     [images / n for n in names], f"LFW pairs {Path(pairs_file).name}")
 
 
-def all_vs_all(root: str | Path, max_impostors: int = 0, seed: int = 0) -> Protocol:
-    """Every same-folder pair is genuine; every cross-folder pair an impostor (or a seeded sample)."""
+def all_vs_all(root: str | Path, max_impostors: int = 0, seed: int = 0, max_genuine_per_identity: int = 0) -> Protocol:
+    """Every same-folder pair is genuine; every cross-folder pair an impostor (or a seeded sample).
+    ``max_genuine_per_identity``: at most this many genuine pairs per identity (a seeded sample), so that
+    identities with many images do not dominate."""
     root = Path(root)
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     names = [p.relative_to(root).as_posix() for p in paths]
@@ -76,6 +78,15 @@ def all_vs_all(root: str | Path, max_impostors: int = 0, seed: int = 0) -> Proto
     i, j = np.triu_indices(len(paths), k=1)
     same = ident[i] == ident[j]
     gi, gj = i[same], j[same]
+    if max_genuine_per_identity:
+        rng = np.random.default_rng(seed + 1)
+        keep = []
+        for who in np.unique(ident[gi]):
+            rows = np.flatnonzero(ident[gi] == who)
+            keep.append(rows if rows.size <= max_genuine_per_identity
+                        else np.sort(rng.choice(rows, max_genuine_per_identity, replace=False)))
+        pick = np.sort(np.concatenate(keep)) if keep else np.zeros(0, int)
+        gi, gj = gi[pick], gj[pick]
     ii, ij = i[~same], j[~same]
     if max_impostors and ii.size > max_impostors:
         pick = np.sort(np.random.default_rng(seed).choice(ii.size, max_impostors, replace=False))
@@ -88,7 +99,7 @@ def all_vs_all(root: str | Path, max_impostors: int = 0, seed: int = 0) -> Proto
 class _NoGlobals(pickle.Unpickler):
     """Unpickler that refuses every global: only plain containers, strings, bytes, numbers and booleans."""
 
-    def find_class(self, module: str, name: str):  # noqa: D102
+    def find_class(self, module: str, name: str):
         raise pickle.UnpicklingError(f"refused: the file references {module}.{name}; a verification .bin "
                                      "holds only lists of bytes and booleans")
 

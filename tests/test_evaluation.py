@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crfiqa.evaluation.degrade import degrade_dataset, recorded_steps
 from crfiqa.evaluation.degradations import apply_chain
+from crfiqa.evaluation.degrade import degrade_dataset, recorded_steps
 from crfiqa.evaluation.evaluate import Pairs, Settings, evaluate, pair_scores
 from crfiqa.evaluation.metrics import (
     edc_iso,
@@ -324,3 +324,104 @@ def test_precomputed_embeddings_npz(small_set: Path, tmp_path: Path, pipeline) -
     report = json.loads((out / "report.json").read_text())
     expected, _ = verification_accuracy(pair_scores(emb, proto.left, proto.right), proto.genuine)
     assert report["recognition"]["accuracy"] == pytest.approx(expected)
+
+
+def test_degrade_corrupt_image_is_an_error_row_and_the_run_goes_on(small_set: Path, tmp_path: Path, pipeline) -> None:
+    src = tmp_path / "src"
+    for p in small_set.rglob("*"):
+        if p.is_file():
+            (src / p.relative_to(small_set)).parent.mkdir(parents=True, exist_ok=True)
+            (src / p.relative_to(small_set)).write_bytes(p.read_bytes())
+    broken = next(p for p in sorted(src.rglob("*.jpg")))
+    broken.write_bytes(b"not a jpeg")
+    summary = degrade_dataset(src, tmp_path / "out", seed=3, fraction=1.0, pipeline=pipeline)
+    rows = {r["path"]: r for r in csv.DictReader((tmp_path / "out" / "degradations.csv").open())}
+    rel = broken.relative_to(src).as_posix()
+    assert rows[rel]["degraded"] == "0" and rows[rel]["error"].startswith("unsupported_format")
+    assert (tmp_path / "out" / rel).read_bytes() == b"not a jpeg"  # copied, nothing lost
+    assert summary["errors"] == 1 and summary["degraded"] == summary["images"] - 1 == 11
+    assert all(r["degraded"] == "1" for p, r in rows.items() if p != rel)
+
+
+def test_ofiq_family_is_reproducible_and_shares_no_operator_with_training(small_set: Path, tmp_path: Path) -> None:
+    from crfiqa.evaluation import syngen
+    from crfiqa.evaluation.degradations import OPS
+
+    a = degrade_dataset(small_set, tmp_path / "a", seed=5, fraction=0.5, family="ofiq")
+    degrade_dataset(small_set, tmp_path / "b", seed=5, fraction=0.5, family="ofiq")
+    rows = list(csv.DictReader((tmp_path / "a" / "degradations.csv").open()))
+    assert a["degraded"] == 6 and a["family"] == "ofiq"
+    for row in rows:
+        out = (tmp_path / "a" / row["path"]).read_bytes()
+        assert out == (tmp_path / "b" / row["path"]).read_bytes()
+        if row["degraded"] == "1":
+            steps = json.loads(row["steps"])
+            assert steps and {s["name"] for s in steps} <= set(syngen.NAMES)
+            assert sum(s["name"] in syngen.GEOMETRIC for s in steps) <= 1
+            assert out != (small_set / row["path"]).read_bytes()
+    # The training augmentation's operators (degradations.OPS) are none of the ofiq-syngen operators used:
+    # Gaussian blur, noise, JPEG, exposure, resolution, roll/shift and occlusion components are excluded.
+    from ofiq_syngen.components import COMPONENT_REGISTRY
+
+    used = {COMPONENT_REGISTRY[c][i].function.__name__ for _, c, i in syngen.OPERATORS}
+    excluded = {"Sharpness.scalar": [0, 2], "CompressionArtifacts.scalar": [0], "LuminanceMean.scalar": [0],
+                "OverExposurePrevention.scalar": [0], "UnderExposurePrevention.scalar": [0],
+                "InterEyeDistance.scalar": [0], "HeadSize.scalar": [0], "HeadPoseRoll.scalar": [0],
+                "FaceOcclusionPrevention.scalar": [0]}
+    assert used.isdisjoint({COMPONENT_REGISTRY[c][i].function.__name__ for c, ks in excluded.items() for i in ks})
+    assert set(syngen.NAMES).isdisjoint(OPS)
+
+
+def test_all_vs_all_caps_genuine_pairs_per_identity(tmp_path: Path) -> None:
+    for ident, n in [("a", 6), ("b", 3)]:
+        (tmp_path / ident).mkdir()
+        for k in range(n):
+            (tmp_path / ident / f"{k}.jpg").write_bytes(b"x")
+    full = all_vs_all(tmp_path)
+    capped = all_vs_all(tmp_path, max_genuine_per_identity=4, seed=2)
+    assert full.genuine.sum() == 15 + 3 and capped.genuine.sum() == 4 + 3
+    assert (~capped.genuine).sum() == (~full.genuine).sum() == 18
+    g = capped.genuine
+    assert all(capped.identities[i] == capped.identities[j] for i, j in zip(capped.left[g], capped.right[g]))
+    again = all_vs_all(tmp_path, max_genuine_per_identity=4, seed=2)
+    assert (again.left == capped.left).all() and (again.right == capped.right).all()
+
+
+# ---------------------------------------------------------------- LightQNet baseline
+
+def _fixture_crops(n: int = 8) -> np.ndarray:
+    from crfiqa.service.imaging import decode_image
+    from crfiqa.training.data.recordio import RecordIO
+
+    rec = RecordIO(FIXTURES / "train.rec")
+    return np.stack([decode_image(rec.read(k).image).rgb for k in rec.image_keys()[:n]])
+
+
+def test_lightqnet_follows_its_published_input_spec() -> None:
+    import cv2
+    import onnxruntime as ort
+
+    from crfiqa.evaluation.lightqnet import find_model, lightqnet_quality
+
+    path = find_model("dm100", [SHARED_MODELS])
+    crops = _fixture_crops()
+    got = lightqnet_quality(path, crops)
+    # SOURCES.md's recipe, written out: the aligned 112 face resized whole to 96, RGB, (x - 128) / 128, NHWC.
+    x = np.stack([cv2.resize(c, (96, 96), interpolation=cv2.INTER_LINEAR) for c in crops]).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = session.run(["confidence_st:0"], {"input:0": (x - 128.0) / 128.0})[0][:, 0]
+    assert got == pytest.approx(want, abs=1e-6) and ((got > 0) & (got < 1)).all()
+    blurred = np.stack([cv2.GaussianBlur(c, (0, 0), 3) for c in crops])
+    low = lightqnet_quality(path, blurred)
+    assert (low < got).sum() >= 7 and low.mean() < got.mean() - 0.05  # SOURCES.md: blur lowers the score
+
+
+def test_lightqnet_file_is_verified(tmp_path: Path) -> None:
+    from crfiqa.evaluation.lightqnet import find_model
+
+    (tmp_path / "fiqa").mkdir()
+    (tmp_path / "fiqa" / "lightqnet-dm100.onnx").write_bytes(b"not the model")
+    with pytest.raises(ValueError, match="sha256"):
+        find_model("dm100", [tmp_path])
+    with pytest.raises(FileNotFoundError, match="lightqnet-dm050"):
+        find_model("dm050", [tmp_path / "nowhere"])

@@ -29,7 +29,8 @@ from crfiqa.training.data.folder import folder_samples
 from crfiqa.training.data.recordio import RecordIO, write_rec
 from crfiqa.training.export import check_parity, export_onnx, fit_calibration
 from crfiqa.training.losses import ArcFaceHead, CRFIQALoss, certainty_target
-from crfiqa.training.train import load_checkpoint, main as train_main
+from crfiqa.training.train import load_checkpoint
+from crfiqa.training.train import main as train_main
 from tests.helpers import SHARED, SHARED_MODELS
 
 FIXTURES = SHARED / "data" / "fixtures"
@@ -66,7 +67,7 @@ def test_dataset_uses_the_service_preprocessing() -> None:
     x, y = ds[5]
     crop = decode_image(RecordIO(REC).read(ds.samples[5][0][1]).image).rgb
     assert torch.equal(x, torch.from_numpy(to_blob(crop)[0])) and y == 1
-    assert x.shape == (3, 112, 112) and -1.0 <= x.min() and x.max() <= 1.0
+    assert x.shape == (3, 112, 112) and x.min() >= -1.0 and x.max() <= 1.0
 
 
 def test_flip_augmentation_is_seeded_per_epoch() -> None:
@@ -217,15 +218,57 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert ckpt["step"] == 6 and set(ckpt) >= {"backbone", "head", "optimizer", "config", "scheduler"}
 
 
+def _digests(stdout: str) -> dict[str, str]:
+    return dict(re.findall(r"rank (\d) weights_sha256 ([0-9a-f]{64})", stdout))
+
+
 @pytest.mark.slow
-def test_torchrun_gloo_ranks_stay_identical(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, batch_size=4)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crfiqa.training.train", "--config", str(cfg), "--max-steps", "4",
+@pytest.mark.parametrize("mode", ["simultaneous", "on_top"])
+def test_torchrun_gloo_ranks_stay_identical(tmp_path: Path, mode: str) -> None:
+    # on_top: only qs trains, outside the backbone's DDP wrapper; before the fix its gradients were never
+    # all-reduced and the two ranks ended with different qs weights.
+    cfg = _config(tmp_path, batch_size=4, mode=mode, lr=0.5)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "crfiqa.training.train", "--config", str(cfg), "--max-steps", "4",
                         "--out", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    digests = dict(re.findall(r"rank (\d) weights_sha256 ([0-9a-f]{64})", r.stdout))
+    digests = _digests(r.stdout)
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
     assert len(_losses(tmp_path / "ddp")) == 4  # only rank 0 writes
+    if mode == "on_top":  # the run's initial weights (seed 0): the backbone stayed, qs moved
+        torch.manual_seed(0)
+        start = create_backbone("mobilefacenet").state_dict()
+        trained = load_checkpoint(tmp_path / "ddp")["backbone"]
+        assert all(torch.equal(trained[k], v) for k, v in start.items() if not k.startswith("qs.")
+                   and "running" not in k and "num_batches" not in k)
+        assert not torch.equal(trained["qs.weight"], start["qs.weight"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_c10d_rendezvous_on_loopback(tmp_path: Path) -> None:
+    # Two torchrun agents (one per "node", one process each) meet through the c10d rendezvous: the
+    # multi-node path is run, not only claimed.
+    cfg = _config(tmp_path, batch_size=4)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "crfiqa-test",
+                               "-m", "crfiqa.training.train", "--config", str(cfg), "--max-steps", "3",
+                               "--out", str(tmp_path / f"node{k}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for k in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    digests = {**_digests(outs[0][0]), **_digests(outs[1][0])}
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    written = [k for k in range(2) if (tmp_path / f"node{k}" / "log.csv").exists()]
+    assert len(written) == 1 and len(_losses(tmp_path / f"node{written[0]}")) == 3  # global rank 0 only
 
 
 def test_init_backbone_shape_check(tmp_path: Path) -> None:
@@ -289,3 +332,80 @@ def test_convert_official_wrong_checkpoint_lists_keys(tmp_path: Path) -> None:
     assert "qs.weight" in str(e.value) and "head.kernel" in str(e.value)
     with pytest.raises(ValueError, match="iresnet50"):
         load_official(tmp_path / "bad.pth", "iresnet18")
+
+
+# ---------------------------------------------------------------- v2: norm-aware head, LOO centres
+
+def test_norm_aware_head_sees_the_norm_and_ridge_init_fits_by_hand() -> None:
+    from crfiqa.training.heads import NormAwareHead, build_quality_head, ridge_init
+
+    torch.manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(200, 8))
+    norms = torch.rand(200, 1) * 20 + 5
+    emb = direction * norms
+    target = 0.3 * norms[:, 0].log() - 0.2  # a quality that depends on the norm only
+    linear, head = build_quality_head("linear", 8), build_quality_head("norm", 8)
+    assert isinstance(head, NormAwareHead)
+    rmse_norm, rmse_linear = ridge_init(head, emb, target, alpha=1e-6), ridge_init(linear, emb, target, alpha=1e-6)
+    assert rmse_norm < 1e-4 < 0.01 < rmse_linear  # Linear(e) cannot express log|e|; the norm head can
+    assert torch.allclose(head(emb)[:, 0], target, atol=1e-3)
+    feats = NormAwareHead.features(emb)
+    assert torch.allclose(feats[:, :8].norm(dim=1), torch.ones(200)) and torch.allclose(feats[:, 8], norms[:, 0].log())
+    with pytest.raises(ValueError, match="quality_head"):
+        build_quality_head("mlp", 8)
+
+
+def test_leave_one_out_centres_by_hand() -> None:
+    from crfiqa.training.losses import LeaveOneOutCentres
+
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    loo = LeaveOneOutCentres(bank, labels, 2)
+    e = torch.tensor([[1.0, 0.0]])
+    cos = loo.cosines(e, torch.tensor([0]), torch.tensor([0]))
+    # own class without sample 0 = sample 1 = (0, 1): cos 0; class 1 centre = normalise((1,1)/sqrt2 + (-1,0))
+    c1 = torch.nn.functional.normalize(torch.tensor([1 / 2**0.5 - 1, 1 / 2**0.5]), dim=0)
+    assert cos[0, 0].item() == pytest.approx(0.0, abs=1e-6) and cos[0, 1].item() == pytest.approx(c1[0].item(), abs=1e-6)
+    # A 2-image class: the target of each image is its similarity to the *other* image, not to itself.
+    target = certainty_target(cos, torch.tensor([0]), "paper")[0]
+    assert target.item() == pytest.approx(0.0 / (c1[0].item() + 1 + 1e-9), abs=1e-6)
+    again = LeaveOneOutCentres.from_state_dict(loo.state_dict())
+    assert torch.allclose(again.cosines(e, torch.tensor([0]), torch.tensor([0])), cos, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_v2_recipe_runs_resumes_and_exports(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, data=str(REC), backbone="mobilefacenet", quality_head="norm", qs_init="ridge",
+                  cr_centres="loo", head_init="class_means", checkpoint_every=2, keep_checkpoints=1,
+                  quality_lr_mult=0.05)
+    train_main(["--config", str(cfg), "--max-steps", "2", "--out", str(tmp_path / "run")])
+    run = tmp_path / "run"
+    assert (run / "loo_centres.pt").is_file() and (run / "clean_embeddings.pt").is_file()
+    train_main(["--config", str(cfg), "--max-steps", "4", "--out", str(run), "--resume", str(run)])
+    assert sorted(_losses(run)) == [1, 2, 3, 4] and [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_000004.pt"]
+    ckpt = load_checkpoint(run)
+    assert ckpt["backbone"]["qs.linear.weight"].shape == (1, 513)
+
+
+def test_anchor_calibration_meets_its_targets() -> None:
+    from crfiqa.service.facemodel import calibrate
+    from crfiqa.training.calibrate import anchor_sets, fit_anchor_calibration
+
+    rng = np.random.default_rng(0)
+    good, low, blurred = rng.normal(0.62, 0.03, 400), rng.normal(0.40, 0.05, 400), rng.normal(0.52, 0.04, 400)
+    cal = fit_anchor_calibration(good, [low, blurred], good_target=80, bad_target=12)
+    assert calibrate(good, cal).mean() == pytest.approx(80, abs=0.05)
+    assert max(calibrate(low, cal).mean(), calibrate(blurred, cal).mean()) == pytest.approx(12, abs=0.05)
+    with pytest.raises(ValueError, match="above"):
+        fit_anchor_calibration(low, [good])
+    crops = _fixture_crops_rgb()
+    sets = anchor_sets(crops)
+    assert set(sets) == {"good", "eye10px", "blur3"} and all(v.shape == crops.shape for v in sets.values())
+    # Lost detail: the 10-px and blurred versions have far less high-frequency energy than the originals.
+    lap = lambda x: np.mean([np.var(np.diff(c.astype(float), axis=0)) for c in x])  # noqa: E731
+    assert lap(sets["eye10px"]) < 0.4 * lap(crops) and lap(sets["blur3"]) < 0.4 * lap(crops)
+
+
+def _fixture_crops_rgb(n: int = 6) -> np.ndarray:
+    rec = RecordIO(REC)
+    return np.stack([decode_image(rec.read(k).image).rgb for k in rec.image_keys()[:n]])

@@ -23,6 +23,9 @@ class TrainConfig:
     embedding_size: int = 512
     head_init: str = "random"  # or "class_means": centres start at each class's mean normalised embedding
     mode: str = "simultaneous"  # or "on_top": frozen backbone, only the head and qs train
+    quality_head: str = "linear"  # the paper's Linear(D -> 1) on the embedding, or "norm": it also sees log|e|
+    qs_init: str = "default"  # or "ridge": qs starts at the ridge fit of CR on the clean pretrained embeddings
+    cr_centres: str = "head"  # CR from the ArcFace centres (paper), or "loo": leave-one-out class means
     freeze_fraction: float = 0.0  # imported ONNX backbones: freeze this share of the early nodes
     batch_size: int = 128  # per process; the global batch is batch_size x world size
     lr: float = 0.1
@@ -46,12 +49,20 @@ class TrainConfig:
     workers: int = 2
     log_every: int = 10
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 0  # keep the newest this many checkpoint files (0 = all)
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
 
     def __post_init__(self) -> None:
         if self.mode not in ("simultaneous", "on_top"):
             raise ValueError(f"mode must be simultaneous or on_top, not {self.mode!r}")
         if self.head_init not in ("random", "class_means"):
             raise ValueError(f"head_init must be random or class_means, not {self.head_init!r}")
+        if self.quality_head not in ("linear", "norm"):
+            raise ValueError(f"quality_head must be linear or norm, not {self.quality_head!r}")
+        if self.qs_init not in ("default", "ridge"):
+            raise ValueError(f"qs_init must be default or ridge, not {self.qs_init!r}")
+        if self.cr_centres not in ("head", "loo"):
+            raise ValueError(f"cr_centres must be head or loo, not {self.cr_centres!r}")
         if self.cr_target not in ("paper", "official", "ccs"):
             raise ValueError(f"cr_target must be paper, official or ccs, not {self.cr_target!r}")
         if self.batch_size < 1 or self.max_steps < 1:

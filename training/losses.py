@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CR_TARGETS = ("paper", "official", "ccs")
+CR_CENTRES = ("head", "loo")
 EPSILON = 1e-9
 #: The released code's stand-in for the own-class cosine before taking NNCCS (see upstream notes).
 OFFICIAL_OWN_CLASS_FILL = -1e-12
@@ -69,6 +70,36 @@ def certainty_target(cos: torch.Tensor, labels: torch.Tensor, mode: str = "paper
     raise ValueError(f"cr target must be one of {CR_TARGETS}, not {mode!r}")
 
 
+class LeaveOneOutCentres:
+    """Class centres for the CR target from a bank of per-sample normalised embeddings: a sample's own
+    class centre leaves the sample out, so in small classes (2-4 images) CCS measures how well the
+    sample matches the *other* images of its identity instead of itself."""
+
+    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+        self.bank = F.normalize(bank.float())
+        self.labels = labels.long()
+        self.sums = torch.zeros(num_classes, bank.shape[1]).index_add_(0, self.labels, self.bank)
+
+    @torch.no_grad()
+    def cosines(self, embeddings: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, C] cosines to every class centre, the own class's centre computed without the sample."""
+        index, labels = index.cpu(), labels.cpu()
+        e = F.normalize(embeddings.detach().float().cpu())
+        cos = F.linear(e, F.normalize(self.sums))
+        own = F.normalize(self.sums[labels] - self.bank[index])
+        cos[torch.arange(len(labels)), labels] = (e * own).sum(1)
+        return cos.clamp(-1.0, 1.0).to(embeddings.device)
+
+    def state_dict(self) -> dict:
+        """Tensors to save beside a run (the bank is fixed for the run)."""
+        return {"bank": self.bank, "labels": self.labels, "num_classes": self.sums.shape[0]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> LeaveOneOutCentres:
+        """The inverse of ``state_dict``."""
+        return cls(state["bank"], state["labels"], int(state["num_classes"]))
+
+
 @dataclass
 class LossOutput:
     """Named losses (the loop sums every ``*_loss``) and a report of what the step saw."""
@@ -92,10 +123,13 @@ class CRFIQALoss(nn.Module):
             raise ValueError(f"cr target must be one of {CR_TARGETS}, not {target!r}")
         self.head, self.target, self.quality_weight, self.beta = head, target, quality_weight, beta
 
-    def forward(self, embeddings: torch.Tensor, quality: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        """Both losses for one batch, and means of CCS, NNCCS, CR and the predicted quality."""
+    def forward(self, embeddings: torch.Tensor, quality: torch.Tensor, labels: torch.Tensor,
+                target_cosines: torch.Tensor | None = None) -> LossOutput:
+        """Both losses for one batch, and means of CCS, NNCCS, CR and the predicted quality.
+
+        ``target_cosines``: the cosines to read CR from (e.g. leave-one-out centres); default the head's."""
         logits, cos = self.head(embeddings, labels)
-        target, ccs, nnccs = certainty_target(cos, labels, self.target)
+        target, ccs, nnccs = certainty_target(cos if target_cosines is None else target_cosines, labels, self.target)
         ce = F.cross_entropy(logits, labels)
         qs = quality.float().reshape(-1)
         ql = self.quality_weight * F.smooth_l1_loss(qs, target, beta=self.beta)

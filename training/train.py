@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,8 @@ from crfiqa.training.checkpoint import load_state_dict_checked
 from crfiqa.training.config import TrainConfig
 from crfiqa.training.data import open_dataset
 from crfiqa.training.data.augment import build_augmentations
-from crfiqa.training.losses import ArcFaceHead, CRFIQALoss
+from crfiqa.training.heads import build_quality_head, ridge_init
+from crfiqa.training.losses import ArcFaceHead, CRFIQALoss, LeaveOneOutCentres, certainty_target
 
 log = logging.getLogger("crfiqa.train")
 LOG_COLUMNS = ["step", "epoch", "loss", "ce_loss", "quality_loss", "lr", "samples_per_s", "ccs", "nnccs", "cr", "qs"]
@@ -40,7 +41,7 @@ class Dist:
 
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -95,10 +96,12 @@ def build_model(cfg: TrainConfig) -> QualityNet:
         model = create_backbone(f"onnx:{cfg.init_backbone}")
         if cfg.freeze_fraction > 0:
             model.freeze_prefix(cfg.freeze_fraction)
-        return model
-    model = create_backbone(cfg.backbone, embedding_size=cfg.embedding_size)
-    if cfg.init_backbone:
-        load_init_backbone(model, cfg.init_backbone)
+    else:
+        model = create_backbone(cfg.backbone, embedding_size=cfg.embedding_size)
+        if cfg.init_backbone:
+            load_init_backbone(model, cfg.init_backbone)
+    if cfg.quality_head != "linear":
+        model.qs = build_quality_head(cfg.quality_head, model.embedding_size)
     return model
 
 
@@ -121,19 +124,84 @@ def build_optimizer(cfg: TrainConfig, model: QualityNet, head: ArcFaceHead) -> t
 
 
 @torch.no_grad()
-def class_mean_centres(model: QualityNet, dataset, device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Each class's mean normalised embedding (no augmentation, eval mode): with a pretrained backbone,
-    the certainty ratio is meaningful from the first step instead of after the centres converge."""
+def clean_embeddings(model: QualityNet, dataset, device: torch.device, batch_size: int = 64
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw embeddings [N, D], labels [N]) of every sample without augmentation, in eval mode."""
     augment, dataset.augment = dataset.augment, []
     was_training = model.training
     model.eval()
-    sums = torch.zeros(dataset.num_classes, model.embedding_size)
+    embs, labs = [], []
     for images, labels in DataLoader(dataset, batch_size=batch_size):
-        emb = torch.nn.functional.normalize(model.forward_features(images.to(device)).float()).cpu()
-        sums.index_add_(0, labels, emb)
+        embs.append(model.forward_features(images.to(device)).float().cpu())
+        labs.append(labels)
     dataset.augment = augment
     model.train(was_training)
+    return torch.cat(embs), torch.cat(labs)
+
+
+def class_mean_centres(model: QualityNet, dataset, device: torch.device, batch_size: int = 64,
+                       clean: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Each class's mean normalised embedding (no augmentation, eval mode): with a pretrained backbone,
+    the certainty ratio is meaningful from the first step instead of after the centres converge."""
+    emb, labels = clean if clean is not None else clean_embeddings(model, dataset, device, batch_size)
+    sums = torch.zeros(dataset.num_classes, emb.shape[1]).index_add_(0, labels, torch.nn.functional.normalize(emb))
     return torch.nn.functional.normalize(sums)
+
+
+class Indexed(torch.utils.data.Dataset):
+    """A dataset whose items also carry their index (the leave-one-out centres need it)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def prepare_targets(cfg: TrainConfig, model: QualityNet, head: ArcFaceHead, dataset, device: torch.device,
+                    out: Path, resume: bool) -> LeaveOneOutCentres | None:
+    """Initialise the centres and ``qs`` from one clean pass (fresh runs), and build the leave-one-out
+    centres (saved in the run directory: a resumed run reuses the fresh run's bank)."""
+    bank_path = out / "loo_centres.pt"
+    if resume and cfg.cr_centres == "loo" and bank_path.exists():
+        return LeaveOneOutCentres.from_state_dict(torch.load(bank_path, map_location="cpu", weights_only=True))
+    needs_pass = cfg.cr_centres == "loo" or (not resume and (cfg.head_init == "class_means" or cfg.qs_init == "ridge"))
+    if not needs_pass:
+        return None
+    cache = out / "clean_embeddings.pt"  # the pretrained model's clean pass: a resumed run must not redo it
+    clean = torch.load(cache, map_location="cpu", weights_only=True) if cache.exists() else None
+    if clean is None or len(clean[1]) != len(dataset):
+        clean = clean_embeddings(model, dataset, device)
+        if dist_main():
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(clean, cache)
+    loo = LeaveOneOutCentres(clean[0], clean[1], dataset.num_classes) if cfg.cr_centres == "loo" else None
+    if loo is not None and dist_main():
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(loo.state_dict(), bank_path)
+    if resume:
+        return loo
+    if cfg.head_init == "class_means":
+        head.weight.data.copy_(class_mean_centres(model, dataset, device, clean=clean))
+    if cfg.qs_init == "ridge":
+        emb, labels = clean
+        if loo is not None:
+            cos = loo.cosines(emb, torch.arange(len(labels)), labels)
+        else:
+            cos = head.cosines(emb)
+        target = certainty_target(cos, labels, cfg.cr_target)[0]
+        rmse = ridge_init(model.qs, emb, target)
+        log.info("qs initialised by ridge regression of CR on %d clean embeddings (RMSE %.4f)", len(labels), rmse)
+    return loo
+
+
+def dist_main() -> bool:
+    """True on rank 0 (or without a process group)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def weights_digest(*modules: nn.Module) -> str:
@@ -168,6 +236,8 @@ def load_checkpoint(path: str | Path) -> dict:
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     """Run (or continue) a training job; returns the last step's numbers and the weights digest."""
     d = setup_distributed()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     dataset = open_dataset(cfg.data, augment=build_augmentations(cfg.augment),
@@ -177,8 +247,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     criterion = CRFIQALoss(head, cfg.cr_target, cfg.quality_weight, cfg.smooth_l1_beta)
     optimizer = build_optimizer(cfg, model, head)
     step = 0
-    if cfg.head_init == "class_means" and not resume:
-        head.weight.data.copy_(class_mean_centres(model, dataset, d.device))
+    out = Path(cfg.out)
+    loo = prepare_targets(cfg, model, head, dataset, d.device, out, resume is not None)
     if resume:
         ckpt = load_checkpoint(resume)
         model.load_state_dict(ckpt["backbone"])
@@ -191,9 +261,15 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         for p in model.feature_parameters():
             p.requires_grad_(False)
     net: nn.Module = model
+    quality_unit: nn.Module = model.qs
     train_head: nn.Module = head
     if d.world > 1:
-        net = DistributedDataParallel(model, find_unused_parameters=cfg.mode == "on_top")
+        # on_top: the frozen backbone runs outside autograd, so the trainable qs is wrapped on its own
+        # (through the backbone's wrapper its gradients would never be all-reduced).
+        if cfg.mode == "on_top":
+            quality_unit = DistributedDataParallel(model.qs)
+        else:
+            net = DistributedDataParallel(model)
         train_head = DistributedDataParallel(head)
     criterion.head = train_head
 
@@ -201,7 +277,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     steps_per_epoch = len(sampler) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} x {d.world} is larger than the dataset ({len(dataset)})")
-    out = Path(cfg.out)
     writer = _Logger(out, cfg, resume is not None) if d.main else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     last: dict = {}
@@ -212,11 +287,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         epoch, offset = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, offset * cfg.batch_size)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+        loader = DataLoader(Indexed(dataset), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                             num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed),
                             persistent_workers=False)
         t0 = time.perf_counter()
-        for images, labels in loader:
+        for images, labels, index in loader:
             images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * lr_factor(cfg, step)
@@ -227,10 +302,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 if cfg.mode == "on_top":
                     with torch.no_grad():
                         emb = model.forward_features(images)
-                    quality = model.forward_head(emb)
+                    quality = quality_unit(emb)
                 else:
                     emb, quality = net(images)
-                result = criterion(emb, quality, labels)
+                target_cos = loo.cosines(emb, index, labels) if loo is not None else None
+                result = criterion(emb, quality, labels, target_cos)
             optimizer.zero_grad(set_to_none=True)
             result.total.backward()
             if cfg.grad_clip > 0:
@@ -248,6 +324,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                     save_checkpoint(out / f"checkpoint_{step:06d}.pt", cfg, step, model, head, optimizer)
                     os.replace(_link(out, step), out / "latest.pt")
+                    _prune(out, cfg.keep_checkpoints)
             if not math.isfinite(last["loss"]):
                 log.warning("loss is %s at step %d (the %s CR target can diverge with few classes)",
                             last["loss"], step, cfg.cr_target)
@@ -267,6 +344,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return {**last, "weights_sha256": digest}
+
+
+def _prune(out: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoint files (``latest.pt`` is a separate link)."""
+    if keep > 0:
+        for old in sorted(out.glob("checkpoint_*.pt"))[:-keep]:
+            old.unlink()
 
 
 def _link(out: Path, step: int) -> Path:

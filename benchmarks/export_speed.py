@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> None:
                     rates[k, b].append(rate(s, x, args.seconds))
         print(f"\nquality-model speed on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"ORT threads {args.threads or 'default'}, median of {args.rounds} interleaved rounds (faces/s)")
-        head = f"{'model':<22}{'nodes':>7}" + "".join(f"{'bs ' + str(b):>10}{'ratio':>8}" for b in sizes)
+        head = f"{'model':<32}{'nodes':>7}" + "".join(f"{'bs ' + str(b):>10}{'ratio':>8}" for b in sizes)
         print(head + "\n" + "-" * len(head))
         for k, p in models.items():
             ops = op_counts(p)
-            row = f"{k:<22}{sum(ops.values()):>7}"
+            row = f"{k:<32}{sum(ops.values()):>7}"
             for b in sizes:
                 med, src = statistics.median(rates[k, b]), statistics.median(rates["source", b])
                 row += f"{med:>10.1f}{med / src:>8.2f}"

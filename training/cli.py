@@ -31,7 +31,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     """``crfiqa export`` flags."""
-    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("checkpoint", help="checkpoint file or run directory, or an .onnx export to re-optimise")
     p.add_argument("--out", required=True, help="output .onnx (a .toml manifest entry is written beside it)")
     p.add_argument("--name", default=None, help="model name in the manifest entry (default: file stem)")
     p.add_argument("--reference", nargs="*", default=None,

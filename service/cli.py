@@ -46,7 +46,7 @@ def _pipeline(args: argparse.Namespace, quality: str | None = None):
     settings = env.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     pipe = settings.pipeline_settings()
     det = pipe.detection.with_overrides(max_faces=args.max_faces, min_face_size=args.min_face_size)
-    return Pipeline(replace(pipe, detection=det, intra_op_threads=0))
+    return Pipeline(replace(pipe, detection=det))
 
 
 def _iterate(args: argparse.Namespace, score: bool, quality: str | None = None):

@@ -50,8 +50,11 @@ class PipelineSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int = 32
     models_dir: Path | None = None
-    decode_workers: int = min(4, os.cpu_count() or 1)
-    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = one per core
+    # Throughput comes from running images and batches side by side on single-threaded sessions (run()):
+    # on 2 cores, one ORT thread per call cost the least CPU per image, and idle threads sleep (runtime.py).
+    decode_workers: int = min(4, os.cpu_count() or 1)  # run(): threads preparing images
+    score_workers: int = min(4, os.cpu_count() or 1)  # run(): quality batches scored at once
+    intra_op_threads: int = 1  # ONNX Runtime threads per session call; 0 = one per core (lowest latency alone)
 
 
 @dataclass(frozen=True)
@@ -210,15 +213,20 @@ class Pipeline:
 
     def run(self, sources: Iterable[Source], options: Options | None = None,
             score: bool = True) -> Iterator[tuple[ImageResult, Prepared]]:
-        """Results in input order. ``prepare`` runs ahead in a thread pool while the quality model scores
-        the previous batch, so decode/detect/align overlap inference. A model that cannot be loaded fails
-        the whole run here (ModelError), never image by image."""
+        """Results in input order. ``prepare`` runs ahead in ``decode_workers`` threads while up to
+        ``score_workers`` quality batches run at once, so decode/detect/align of the next images overlap
+        inference of the previous ones and every core stays busy (each session call is single-threaded by
+        default: parallel work across images costs less CPU than threads inside one call). A model that
+        cannot be loaded fails the whole run here (ModelError), never image by image."""
         opts = options or Options()
         self.load(detector=not opts.aligned, quality=score)
+        scorers = max(1, self.settings.score_workers)
         window = max(2 * self.settings.batch_size, 2 * self.settings.decode_workers)
         it = iter(sources)
         pending: deque[Future[Prepared]] = deque()
-        with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="crfiqa-prepare") as pool:
+        scoring: deque[tuple[list[Prepared], Future[list[ImageResult]]]] = deque()
+        with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="crfiqa-prepare") as pool, \
+                ThreadPoolExecutor(scorers, thread_name_prefix="crfiqa-score") as score_pool:
 
             def fill() -> None:
                 while len(pending) < window:
@@ -228,16 +236,24 @@ class Pipeline:
                     pending.append(pool.submit(self.prepare, source, opts))
 
             fill()
-            while pending:
-                batch: list[Prepared] = []
+            while pending or scoring:
+                # Hand back the oldest batch when it is done, when every scorer is busy, or at the end.
+                if scoring and (scoring[0][1].done() or len(scoring) >= scorers or not pending):
+                    batch, done = scoring.popleft()
+                    yield from zip(done.result(), batch)
+                    continue
+                batch = []
                 faces = 0
                 # Take finished images in order until a batch is full or nothing more is ready.
                 while pending and (not batch or (faces < self.settings.batch_size and pending[0].done())):
                     batch.append(pending.popleft().result())
                     faces += len(batch[-1].crops)
                     fill()
-                results = self.score_prepared(batch) if score else [self.finish(p) for p in batch]
-                yield from zip(results, batch)
+                if score and faces:
+                    scoring.append((batch, score_pool.submit(self.score_prepared, batch)))
+                else:
+                    results = self.score_prepared(batch) if score else [self.finish(p) for p in batch]
+                    scoring.append((batch, _done(results)))
 
     def assess(self, image: str | Path | bytes | np.ndarray, options: Options | None = None,
                colour: str | None = None) -> ImageResult:
@@ -252,6 +268,13 @@ class Pipeline:
             source = image
         self.load(detector=not (options and options.aligned))
         return self.score_prepared([self.prepare(source, options)])[0]
+
+
+def _done(results: list[ImageResult]) -> Future[list[ImageResult]]:
+    """A future that already holds ``results`` (a batch without faces needs no scorer)."""
+    future: Future[list[ImageResult]] = Future()
+    future.set_result(results)
+    return future
 
 
 def _rgb_array(image: np.ndarray, colour: str | None) -> np.ndarray:

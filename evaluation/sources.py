@@ -21,7 +21,7 @@ from crfiqa.service.pipeline import Pipeline
 from crfiqa.service.registry import Calibration, resolve
 from crfiqa.service.results import Detection
 
-BASELINES = ("random", "det_score", "eye_distance", "sharpness", "embedding_norm")
+BASELINES = ("random", "det_score", "eye_distance", "sharpness", "embedding_norm", "lightqnet")
 FAILURE_QUALITY = -1.0  # NIST FATE Quality: a failure to assess scores -1 for every method
 
 
@@ -87,13 +87,12 @@ def embed(faces: Faces, model: RecognitionModel, flip_concat: bool, cache: Path 
             out[k] = np.load(path)
         elif faces.ok[k]:
             todo.append(k)
-    for start in tqdm(range(0, len(todo), 64), desc="embed", unit="batch", file=sys.stderr):
-        idx = todo[start:start + 64]
-        crops = faces.crops[idx]
+    if todo:  # FaceModel.run chunks by itself
+        crops = faces.crops[todo]
         emb = model.embed(crops)
         if flip_concat:
             emb = np.concatenate([emb, model.embed(np.ascontiguousarray(crops[:, :, ::-1]))], axis=1)
-        for k, e in zip(idx, emb):
+        for k, e in zip(todo, emb):
             out[k] = e
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
@@ -124,8 +123,15 @@ def baseline(name: str, faces: Faces, pipeline: Pipeline, seed: int = 0) -> np.n
         model = recognition_model(arg or "w600k_mbf", pipeline)
         q = np.zeros(n)
         idx = np.flatnonzero(faces.ok)
-        for s in range(0, idx.size, 64):
-            q[idx[s:s + 64]] = np.linalg.norm(model.embed(faces.crops[idx[s:s + 64]]), axis=1)
+        q[idx] = np.linalg.norm(model.embed(faces.crops[idx]), axis=1)
+    elif kind == "lightqnet":  # the published LightQNet (evaluation/lightqnet.py): dm100 (default), dm050 or a path
+        from crfiqa.evaluation.lightqnet import find_model, lightqnet_quality
+        from crfiqa.service.registry import models_dir
+
+        dirs = [d for d in (pipeline.settings.models_dir, models_dir()) if d is not None]
+        q = np.zeros(n)
+        idx = np.flatnonzero(faces.ok)
+        q[idx] = lightqnet_quality(find_model(arg, dirs), faces.crops[idx], pipeline.settings.providers)
     else:
         raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
     return np.where(faces.ok, q, FAILURE_QUALITY)
@@ -138,26 +144,32 @@ def model_quality(spec: str, faces: Faces, pipeline: Pipeline) -> tuple[np.ndarr
     model = QualityModel(path, entry, pipeline.settings.providers)
     q = np.full(len(faces.keys), FAILURE_QUALITY)
     idx = np.flatnonzero(faces.ok)
-    for s in range(0, idx.size, 64):
-        q[idx[s:s + 64]] = model.predict(faces.crops[idx[s:s + 64]])
+    q[idx] = model.predict(faces.crops[idx])
     return q, entry.calibration
 
 
 def csv_quality(path: str | Path, protocol: Protocol, faces: Faces, select: str) -> np.ndarray:
     """Quality from a CSV: ``path,quality`` columns, or the one-row-per-face CSV of ``crfiqa score --out``
     (the row of each image chosen by the selection rule). Paths match by their ending."""
-    rows = list(csv.DictReader(Path(path).open()))
+    with Path(path).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
     if not rows:
         raise ValueError(f"{path}: empty")
     by_path: dict[str, list[dict]] = {}
     for row in rows:
         by_path.setdefault(row["path"].replace("\\", "/"), []).append(row)
+    # Every "/"-bounded ending of every CSV path -> its rows (the first CSV path with that ending wins):
+    # one dict lookup per image instead of a scan of the whole CSV.
+    by_ending: dict[str, list[dict]] = {}
+    for p, v in by_path.items():
+        parts = p.split("/")
+        for i in range(len(parts)):
+            by_ending.setdefault("/".join(parts[i:]), v)
     q = np.full(len(protocol.names), FAILURE_QUALITY)
     for k, name in enumerate(protocol.names):
-        matches = [v for p, v in by_path.items() if p == name or p.endswith("/" + name)]
-        if not matches or not faces.ok[k]:
+        candidates = by_path.get(name) or by_ending.get(name)
+        if not candidates or not faces.ok[k]:
             continue
-        candidates = matches[0]
         if "quality" in candidates[0]:
             q[k] = float(candidates[0]["quality"])
             continue

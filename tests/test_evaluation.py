@@ -425,3 +425,45 @@ def test_lightqnet_file_is_verified(tmp_path: Path) -> None:
         find_model("dm100", [tmp_path])
     with pytest.raises(FileNotFoundError, match="lightqnet-dm050"):
         find_model("dm050", [tmp_path / "nowhere"])
+
+
+# ---------------------------------------------------------------- quality from CSV files
+
+def _faces(n: int):
+    from crfiqa.evaluation.sources import Faces
+
+    return Faces(np.zeros((n, 1, 1, 3), np.uint8), np.ones(n, bool), np.zeros(n), np.zeros(n), [None] * n,
+                 [(100, 100)] * n, [str(i) for i in range(n)])
+
+
+def _protocol(names: list[str]):
+    from crfiqa.evaluation.protocols import Protocol
+
+    z = np.zeros(0, int)
+    return Protocol(names, [""] * len(names), z, z, np.zeros(0, bool), [Path(n) for n in names])
+
+
+def test_csv_quality_matches_paths_by_their_ending(tmp_path: Path) -> None:
+    from crfiqa.evaluation.sources import FAILURE_QUALITY, csv_quality
+
+    (tmp_path / "q.csv").write_text("path,quality\n/data/x/a/1.jpg,0.5\nother/b/1.jpg,0.7\nb/1.jpg,0.9\n"
+                                    "/data/xa/2.jpg,0.3\n")
+    q = csv_quality(tmp_path / "q.csv", _protocol(["a/1.jpg", "b/1.jpg", "a/2.jpg", "1.jpg"]), _faces(4), "center")
+    # a/1.jpg: by ending; b/1.jpg: the exact path wins; a/2.jpg: "xa/2.jpg" is no "/"-bounded ending of it;
+    # 1.jpg: the first CSV path ending in /1.jpg.
+    assert list(q) == [0.5, 0.9, FAILURE_QUALITY, 0.5]
+
+
+def test_csv_quality_scales_to_large_files(tmp_path: Path) -> None:
+    import time
+
+    from crfiqa.evaluation.sources import csv_quality
+
+    n = 20000
+    names = [f"id{i // 4}/img_{i}.jpg" for i in range(n)]
+    (tmp_path / "q.csv").write_text("path,quality\n" + "".join(f"/root/set/{p},{i}\n" for i, p in enumerate(names)))
+    start = time.perf_counter()
+    q = csv_quality(tmp_path / "q.csv", _protocol(names), _faces(n), "center")
+    assert list(q) == list(range(n))
+    # Matching by scanning every CSV path per image (20,000 x 20,000 comparisons) took minutes.
+    assert time.perf_counter() - start < 20

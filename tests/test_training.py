@@ -109,6 +109,30 @@ def test_prepare_aligns_identity_folders(tmp_path: Path) -> None:
     assert len(pngs) == 6 and decode_image(pngs[0].read_bytes()).rgb.shape == (112, 112, 3)
 
 
+@pytest.mark.slow
+def test_prepare_mirrors_relative_paths(tmp_path: Path) -> None:
+    # Same-stem inputs (a/img.jpg, b/img.jpg, img.jpg, img.png) used to overwrite one another's output.
+    face = sorted((SHARED / "data" / "train").iterdir())[0]
+    jpg = sorted(face.glob("*.jpg"))[0]
+    ident = tmp_path / "raw" / "Someone"
+    for rel in ["a/img.jpg", "b/img.jpg", "img.jpg"]:
+        (ident / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(jpg, ident / rel)
+    import cv2
+
+    from crfiqa.service.imaging import read_image
+
+    cv2.imwrite(str(ident / "img.png"), cv2.cvtColor(read_image(jpg).rgb[:, ::-1], cv2.COLOR_RGB2BGR))
+    out = tmp_path / "aligned"
+    r = subprocess.run([sys.executable, "-m", "crfiqa.cli", "prepare", str(tmp_path / "raw"), "--out", str(out),
+                        "--models-dir", str(SHARED_MODELS)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    written = sorted(p.relative_to(out / "Someone").as_posix() for p in (out / "Someone").rglob("*.png"))
+    assert written == ["a/img.png", "b/img.png", "img.jpg.png", "img.png.png"]
+    flipped = read_image(out / "Someone" / "img.png.png").rgb
+    assert not np.array_equal(flipped, read_image(out / "Someone" / "img.jpg.png").rgb)  # not overwritten
+
+
 # ---------------------------------------------------------------- model and losses
 
 @pytest.mark.parametrize("name", ["iresnet18", "mobilefacenet"])

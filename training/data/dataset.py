@@ -14,6 +14,7 @@ from crfiqa.service.imaging import decode_image, read_image
 from crfiqa.service.preprocess import QUALITY_INPUT, to_blob
 from crfiqa.training.data.augment import Augment, horizontal_flip
 
+
 class FaceDataset(Dataset):
     """(tensor [3,112,112] RGB in [-1, 1], class) pairs; augmentation is seeded by (seed, epoch, index)
     so that a resumed run sees exactly the samples an uninterrupted one would."""

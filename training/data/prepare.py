@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from crfiqa.service.imaging import list_images
+from crfiqa.service.imaging import list_images, mirror_paths
 from crfiqa.service.pipeline import Options, Pipeline, PipelineSettings
 from crfiqa.training.data.recordio import write_rec
 
@@ -21,13 +21,18 @@ def prepare(src: str | Path, out: str | Path, fmt: str = "folder", select: str =
     """Align one face per image (``select`` rule) into ``out``; images without a face are logged and skipped."""
     src, out = Path(src), Path(out)
     identities = sorted(p for p in src.iterdir() if p.is_dir())
-    jobs = [(label, ident.name, path) for label, ident in enumerate(identities) for path in list_images([ident])]
+    jobs = []
+    for label, ident in enumerate(identities):
+        images = list_images([ident])
+        # Mirror each input's path inside its identity folder, so a/img.jpg and b/img.jpg (or img.jpg and
+        # img.png) never write the same output file.
+        jobs += [(label, ident.name, path, rel) for path, rel in zip(images, mirror_paths(images))]
     pipe = Pipeline(PipelineSettings(detector=detector, models_dir=models_dir))
     out.mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []
     records: list[tuple[int, bytes]] = []
     results = pipe.run([j[2] for j in jobs], Options(select=select), score=False)
-    for (label, name, path), (result, prepared) in tqdm(zip(jobs, results), total=len(jobs), unit="img", file=sys.stderr):
+    for (label, name, path, rel), (result, prepared) in tqdm(zip(jobs, results), total=len(jobs), unit="img", file=sys.stderr):
         crops = prepared.crops
         if not result.ok or len(crops) == 0:
             reason = result.error.code if result.error else "no face"
@@ -36,11 +41,12 @@ def prepare(src: str | Path, out: str | Path, fmt: str = "folder", select: str =
             continue
         bgr = cv2.cvtColor(crops[0], cv2.COLOR_RGB2BGR)
         if fmt == "rec":
-            ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            _, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
             records.append((label, jpeg.tobytes()))
         else:
-            (out / name).mkdir(exist_ok=True)
-            cv2.imwrite(str(out / name / f"{path.stem}.png"), bgr)
+            target = out / name / f"{rel.as_posix()}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(target), bgr)
     if fmt == "rec":
         write_rec(out / "train.rec", records)
     (out / "skipped.txt").write_text("".join(s + "\n" for s in skipped))

@@ -15,7 +15,7 @@ import pytest
 from tests.helpers import REPO, SAMPLES, SHARED_MODELS
 
 sys.path.insert(0, str(REPO))
-from setup import ROOTS, packages  # noqa: E402
+from setup import ROOTS, packages
 
 sys.path.remove(str(REPO))
 

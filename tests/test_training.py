@@ -398,7 +398,7 @@ def test_leave_one_out_centres_by_hand() -> None:
 
 
 @pytest.mark.slow
-def test_v2_recipe_runs_resumes_and_exports(tmp_path: Path) -> None:
+def test_v2_recipe_runs_and_resumes(tmp_path: Path) -> None:
     cfg = _config(tmp_path, data=str(REC), backbone="mobilefacenet", quality_head="norm", qs_init="ridge",
                   cr_centres="loo", head_init="class_means", checkpoint_every=2, keep_checkpoints=1,
                   quality_lr_mult=0.05)

@@ -62,7 +62,7 @@ def create_session(path: str | Path, providers: Sequence[str] = DEFAULT_PROVIDER
         options.intra_op_num_threads = intra_op_threads
     # Idle intra-op threads sleep instead of spinning: the pipeline's stages (detection in worker threads,
     # quality inference) run sessions at once, and a spinning pool burns the cores the other stage needs
-    # (measured on 2 cores: 2 threads with spinning cost 1.4-1.8x the CPU per face of 1 thread; without, 1.0-1.1x).
+    # (measured on 2 cores: 2 threads with spinning cost 1.25-1.8x the CPU per face of 1 thread; without, 1.0-1.1x).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provider_list: list = []
     for name in select_providers(providers):

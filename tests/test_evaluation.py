@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import pickle
 import subprocess
@@ -280,7 +281,7 @@ def test_end_to_end_with_real_recognition_model(small_set: Path, tmp_path: Path)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 12
     guidance = report["guidance"]["0.1"]
     assert [g["score_threshold"] for g in guidance] == list(range(10, 100, 10))
-    assert all(a["images_rejected"] <= b["images_rejected"] for a, b in zip(guidance, guidance[1:]))
+    assert all(a["images_rejected"] <= b["images_rejected"] for a, b in itertools.pairwise(guidance))
 
 
 def test_paper_bootstrap_equals_replicating_pairs() -> None:

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from crfiqa.service.imaging import read_image
 from crfiqa.service.pipeline import Options
@@ -43,7 +44,16 @@ def test_sharp_faces_beat_their_blurred_downscaled_copies(pipeline) -> None:
 
 
 def test_default_model_scores_a_dev_image_out_of_the_box(pipeline) -> None:
-    (result, _), = pipeline.run([lfw_dev_images(1)[0]])
-    assert result.ok and result.faces and 0 <= result.faces[0].quality.score <= 100
+    (result, prepared), = pipeline.run([lfw_dev_images(1)[0]])
+    assert result.ok and result.faces
+    # Raw = the shipped graph on this crop, normalised here by hand; score = the manifest's logistic.
+    entry = Manifest.load().get(pipeline.quality_name, "quality")
+    blob = ((prepared.crops[:1].astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2)
+    session = ort.InferenceSession(str(PACKAGED_DIR / entry.file), providers=["CPUExecutionProvider"])
+    raw = float(session.run(["quality"], {"input": blob})[0][0, 0])
+    face = result.faces[0].quality
+    assert face.raw == pytest.approx(raw, abs=1e-5)
+    cal = entry.calibration
+    assert face.score == pytest.approx(100 / (1 + np.exp(-(raw - cal.centre) / cal.scale)), abs=1e-3)
     assert pipeline.quality_name == Manifest.load().defaults["quality"]
     assert read_image(lfw_dev_images(1)[0]).rgb.shape == (250, 250, 3)

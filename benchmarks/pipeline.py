@@ -2,7 +2,7 @@
 
     python benchmarks/pipeline.py --images 256                 # stages + end to end
     python benchmarks/pipeline.py --images 128 --sweep         # thread layouts (prepare, score, ORT threads)
-    python benchmarks/pipeline.py --growth                     # img/s by image size and faces per image
+    python benchmarks/pipeline.py --growth --images 96         # img/s by image size and faces per image
 
 CPU time per image (all threads of the process) is printed beside wall-clock rates: on a machine shared
 with other jobs the wall rate says how much of the machine this process got, the CPU time how much work
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{r['prepare']:>8}{r['score']:>7}{r['ort_threads']:>9}{r['img_s']:>8.1f}{r['cpu_ms_img']:>12.1f}"
                   f"{r['cores_used']:>12.2f}")
     elif args.growth:
-        out["growth"] = rows = growth(pipe, paths, min(args.images, 48))
-        print(f"\ncost growth: {min(args.images, 48)} JPEGs per row, {pipe.detector_name} + {pipe.quality_name}, "
+        out["growth"] = rows = growth(pipe, paths, min(args.images, 96))
+        print(f"\ncost growth: {min(args.images, 96)} JPEGs per row, {pipe.detector_name} + {pipe.quality_name}, "
               f"defaults ({machine}, load {out['load_before']} -> {load()})")
         print(f"{'image':<12}{'content':<26}{'faces':>6}{'img/s':>8}{'faces/s':>9}{'CPU ms/img':>12}")
         for r in rows:

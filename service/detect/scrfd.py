@@ -54,7 +54,7 @@ class SCRFD(Detector):
         self.output_names = [o.name for o in outputs]
         self.provider = provider_in_use(self.session)
         # The graph declares its outputs' shapes for 640x640, so ORT warns (9 lines on stderr) on every run
-        # at another size; printing them cost half the end-to-end rate. Runs log errors only.
+        # at another size, past the session's log level; runs log errors only.
         self.run_options = onnxruntime().RunOptions()
         self.run_options.log_severity_level = 3
 

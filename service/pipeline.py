@@ -148,22 +148,20 @@ class Pipeline:
             prepared.timings["decode"] = t1 - t0
             if opts.aligned:
                 prepared.detections, prepared.crops = _as_aligned_face(image, opts.resize_aligned)
-                if opts.components:
-                    prepared.components = [face_components(image.rgb, prepared.detections[0],
-                                                           prepared.crops[0])]
-                return prepared
-            dets = self.detect(image.rgb, opts.detection)
-            if opts.select:
-                dets = select_one(dets, image.width, image.height, opts.select)
-            t2 = time.perf_counter()
-            prepared.timings["detect"] = t2 - t1
-            prepared.detections = dets
-            if dets:
-                prepared.crops = np.stack([align_face(image.rgb, d.landmarks) for d in dets])
-            t3 = time.perf_counter()
-            prepared.timings["align"] = t3 - t2
+            else:
+                dets = self.detect(image.rgb, opts.detection)
+                if opts.select:
+                    dets = select_one(dets, image.width, image.height, opts.select)
+                t2 = time.perf_counter()
+                prepared.timings["detect"] = t2 - t1
+                prepared.detections = dets
+                if dets:
+                    prepared.crops = np.stack([align_face(image.rgb, d.landmarks) for d in dets])
+                prepared.timings["align"] = time.perf_counter() - t2
             if opts.components:
-                prepared.components = [face_components(image.rgb, d, c) for d, c in zip(dets, prepared.crops)]
+                t3 = time.perf_counter()
+                prepared.components = [face_components(image.rgb, d, c)
+                                       for d, c in zip(prepared.detections, prepared.crops)]
                 prepared.timings["components"] = time.perf_counter() - t3
         except CrfiqaError as exc:
             prepared.error = exc
@@ -198,18 +196,31 @@ class Pipeline:
 
     # -- compositions of the stages ----------------------------------------------------------------------------
 
-    def score_prepared(self, batch: Sequence[Prepared]) -> list[ImageResult]:
-        """Score the faces of several prepared images in one batch call and finish each; a failed batch
-        fails only the images that had faces in it."""
-        counts = [len(p.crops) for p in batch]
-        if sum(counts) == 0:
-            return [self.finish(p) for p in batch]
-        try:
-            raw = self.score(np.concatenate([p.crops for p in batch if len(p.crops)]))
-        except CrfiqaError as exc:
-            return [self.finish(p, error=exc) for p in batch]
-        offsets = np.cumsum([0, *counts])
+    @staticmethod
+    def batch_crops(batch: Sequence[Prepared]) -> np.ndarray:
+        """The crops of several prepared images as one batch, in order (what ``finish_batch`` splits)."""
+        crops = [p.crops for p in batch if len(p.crops)]
+        return np.concatenate(crops) if crops else NO_CROPS
+
+    def finish_batch(self, batch: Sequence[Prepared], raw: np.ndarray | None = None,
+                     error: CrfiqaError | None = None) -> list[ImageResult]:
+        """Finish each image with its slice of ``raw`` (the quality of ``batch_crops(batch)``; None = not
+        scored); ``error`` (a failed batch) fails only the images that had faces in it."""
+        if raw is None:
+            return [self.finish(p, error=error) for p in batch]
+        offsets = np.cumsum([0, *(len(p.crops) for p in batch)])
         return [self.finish(p, raw[a:b]) for p, a, b in zip(batch, offsets[:-1], offsets[1:])]
+
+    def score_prepared(self, batch: Sequence[Prepared]) -> list[ImageResult]:
+        """Score the faces of several prepared images in one batch call and finish each."""
+        crops = self.batch_crops(batch)
+        if not len(crops):
+            return self.finish_batch(batch)
+        try:
+            raw = self.score(crops)
+        except CrfiqaError as exc:
+            return self.finish_batch(batch, error=exc)
+        return self.finish_batch(batch, raw)
 
     def run(self, sources: Iterable[Source], options: Options | None = None,
             score: bool = True) -> Iterator[tuple[ImageResult, Prepared]]:
@@ -252,7 +263,7 @@ class Pipeline:
                 if score and faces:
                     scoring.append((batch, score_pool.submit(self.score_prepared, batch)))
                 else:
-                    results = self.score_prepared(batch) if score else [self.finish(p) for p in batch]
+                    results = self.score_prepared(batch) if score else self.finish_batch(batch)
                     scoring.append((batch, _done(results)))
 
     def assess(self, image: str | Path | bytes | np.ndarray, options: Options | None = None,
@@ -278,7 +289,7 @@ def _done(results: list[ImageResult]) -> Future[list[ImageResult]]:
 
 
 def _rgb_array(image: np.ndarray, colour: str | None) -> np.ndarray:
-    """A C-contiguous RGB uint8 copy-free view of an array in the stated channel order."""
+    """The array as C-contiguous RGB uint8 (converted from BGR, or as it is when already so)."""
     if colour not in ("RGB", "BGR"):
         raise ValueError("say the array's channel order: colour='RGB' or colour='BGR' (OpenCV reads BGR)")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

@@ -171,23 +171,21 @@ class Service:
         prepared = await asyncio.gather(*(loop.run_in_executor(self.workers, self.prepare, u, popts)
                                           for u in uploads))
         t1 = time.perf_counter()
-        counts = [len(p.crops) for p in prepared]
-        if sum(counts) > self.settings.max_queue_size:
-            raise RequestError(f"{sum(counts)} faces; the inference queue holds at most "
+        crops = self.pipeline.batch_crops(prepared)
+        if len(crops) > self.settings.max_queue_size:
+            raise RequestError(f"{len(crops)} faces; the inference queue holds at most "
                                f"{self.settings.max_queue_size}: send fewer images per request",
                                code="too_many_faces")
         error: CrfiqaError | None = None
         raw = np.zeros(0)
-        if sum(counts):
+        if len(crops):
             try:
-                raw = await self.batcher.submit(np.concatenate([p.crops for p in prepared if len(p.crops)]))
+                raw = await self.batcher.submit(crops)
             except QueueFullError:
                 raise  # a whole-request 503
             except CrfiqaError as exc:
                 error = exc
         t2 = time.perf_counter()
-        offsets = np.cumsum([0, *counts])
-        results = [self.pipeline.finish(p, None if error else raw[a:b], error=error)
-                   for p, a, b in zip(prepared, offsets[:-1], offsets[1:])]
+        results = self.pipeline.finish_batch(prepared, None if error else raw, error=error)
         self.metrics.observe_images(prepared, results)
         return Scored(results, t1 - t0, t2 - t1, list(prepared))

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from crfiqa.service.preprocess import InputSpec, to_blob
-from crfiqa.service.registry import sha256_file
-from crfiqa.service.runtime import create_session
+from crfiqa.service.facemodel import FaceModel
+from crfiqa.service.preprocess import InputSpec
+from crfiqa.service.registry import ModelEntry, sha256_file
 
 LIGHTQNET_INPUT = InputSpec(size=96, colour="RGB", mean=128.0, std=128.0, layout="NHWC")
 SHA256 = {"dm100": "d4154063dc0fb4bf10ff43eff8b37bf5e2415025e9f02eaa650aceb642d1bc3e",
           "dm050": "e0c3a518dbaa5918714ebb7f74f1bf7a70978cfd9f28a4d29c350a849460bb4e"}
-INPUT_NAME, OUTPUT_NAME = "input:0", "confidence_st:0"
+OUTPUT_NAME = "confidence_st:0"
 
 
 def find_model(arg: str, dirs: list[Path]) -> Path:
@@ -44,7 +44,9 @@ def find_model(arg: str, dirs: list[Path]) -> Path:
 def lightqnet_quality(path: str | Path, crops: np.ndarray, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                       batch: int = 64) -> np.ndarray:
     """LightQNet confidence of aligned RGB uint8 112x112 crops [N,112,112,3] -> [N]."""
-    session = create_session(path, providers)
-    out = [session.run([OUTPUT_NAME], {INPUT_NAME: to_blob(crops[i:i + batch], LIGHTQNET_INPUT)})[0][:, 0]
-           for i in range(0, len(crops), batch)]
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+    path = Path(path)
+    # The service's face-model adapter: the one preprocessing (to_blob with this spec) and chunked runs.
+    entry = ModelEntry(name="lightqnet", role="quality", family="lightqnet", file=path.name, sha256=None,
+                       input=LIGHTQNET_INPUT, outputs={"quality": OUTPUT_NAME})
+    (out,) = FaceModel(path, entry, providers, max_batch=batch).run(crops, [OUTPUT_NAME])
+    return out.reshape(len(out), -1)[:, 0].astype(np.float64) if len(out) else np.zeros(0)

@@ -2,8 +2,10 @@
 
 Requests submit their face crops; one collector gathers crops from concurrent requests until
 ``max_batch_size`` faces or ``max_queue_delay`` has passed since the first, runs the model once in an
-executor thread (off the event loop), and splits the result back per request. A failure fails only the
-requests in that batch; a full queue is refused at once so the caller can answer 503.
+executor thread (off the event loop), and splits the result back per request. Up to ``concurrency``
+batches run at once (like Triton's model instances): while one batch computes, the next one forms and
+starts, so a core is never idle waiting for the previous batch's results to be split and answered. A
+failure fails only the requests in that batch; a full queue is refused at once so the caller can answer 503.
 """
 
 from __future__ import annotations
@@ -38,15 +40,18 @@ class DynamicBatcher:
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], executor: Executor, max_batch_size: int,
                  max_queue_delay_s: float, max_queue_size: int,
                  on_batch: Callable[[int], None] = lambda n: None,
-                 on_depth: Callable[[int], None] = lambda n: None) -> None:
+                 on_depth: Callable[[int], None] = lambda n: None, concurrency: int = 1) -> None:
         self.fn, self.executor = fn, executor
+        self.concurrency = concurrency
         self.max_batch_size, self.max_delay, self.max_queue_size = max_batch_size, max_queue_delay_s, max_queue_size
         self.on_batch, self.on_depth = on_batch, on_depth
         self.pending = 0  # faces submitted and not yet answered
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._carry: _Item | None = None
         self._task: asyncio.Task | None = None
-        self.running_since: float | None = None  # time.monotonic() when the running batch started
+        self._slots: asyncio.Semaphore | None = None  # one per batch that may run at once
+        self._batches: set[asyncio.Task] = set()  # running batches (held so they are not collected)
+        self._started: dict[int, float] = {}  # running batch -> time.monotonic() when it started
 
     @property
     def alive(self) -> bool:
@@ -54,16 +59,18 @@ class DynamicBatcher:
         return self._task is not None and not self._task.done()
 
     def stall_s(self) -> float:
-        """How long the batch now running has run (0 when none is)."""
-        since = self.running_since
-        return 0.0 if since is None else time.monotonic() - since
+        """How long the oldest batch now running has run (0 when none is)."""
+        started = list(self._started.values())
+        return time.monotonic() - min(started) if started else 0.0
 
     def start(self) -> None:
         """Start the collector on the running loop."""
+        self._slots = asyncio.Semaphore(self.concurrency)
         self._task = asyncio.get_running_loop().create_task(self._collect())
 
     def restart(self) -> None:
-        """Start a new collector after the old one ended unexpectedly; the requests it held fail (typed)."""
+        """Start a new collector after the old one ended unexpectedly; the requests it held fail (typed).
+        Batches still running answer their own requests and free their own slots."""
         error = InferenceError("the inference worker stopped and was restarted; retry the request")
         items = [self._carry] if self._carry is not None else []
         while not self._queue.empty():
@@ -71,9 +78,10 @@ class DynamicBatcher:
         for it in items:
             if not it.future.done():
                 it.future.set_exception(error)
-        self._carry, self.pending, self.running_since = None, 0, None
-        self.on_depth(0)
-        self.start()
+            self.pending -= len(it.crops)
+        self._carry = None
+        self.on_depth(self.pending)
+        self.start()  # fresh slots: a slot the dead collector held is not lost
 
     async def stop(self) -> None:
         """Answer what is queued, then stop the collector."""
@@ -107,10 +115,17 @@ class DynamicBatcher:
         return await asyncio.wait_for(self._queue.get(), timeout)
 
     async def _collect(self) -> None:
-        """Form batches forever: wait for a first item, then fill until full or the delay passes."""
+        """Form batches forever: wait for a free slot and a first item, then fill until full or the delay
+        passes, and start the batch without waiting for it (at most ``concurrency`` run at once)."""
         loop = asyncio.get_running_loop()
+        assert self._slots is not None, "start() first"
         while True:
-            first = await self._next(None)
+            await self._slots.acquire()
+            try:
+                first = await self._next(None)
+            except BaseException:
+                self._slots.release()
+                raise
             items, size = [first], len(first.crops)
             deadline = loop.time() + self.max_delay
             while size < self.max_batch_size:
@@ -123,21 +138,24 @@ class DynamicBatcher:
                     break
                 items.append(item)
                 size += len(item.crops)
-            await self._run(items, size)
+            task = loop.create_task(self._run(items, size, self._slots))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
 
-    async def _run(self, items: list[_Item], size: int) -> None:
-        """Run one batch in the executor and hand each request its slice."""
+    async def _run(self, items: list[_Item], size: int, slots: asyncio.Semaphore) -> None:
+        """Run one batch in the executor, hand each request its slice, free the batch's slot."""
         loop = asyncio.get_running_loop()
         live = [it for it in items if not it.future.done()]  # skip requests that went away
+        key = id(items)
         try:
             if live:
                 batch = np.concatenate([it.crops for it in live])
                 self.on_batch(len(batch))
-                self.running_since = time.monotonic()
+                self._started[key] = time.monotonic()
                 try:
                     values = await loop.run_in_executor(self.executor, self._chunked, batch)
                 finally:
-                    self.running_since = None
+                    self._started.pop(key, None)
                 offset = 0
                 for it in live:
                     n = len(it.crops)
@@ -151,6 +169,7 @@ class DynamicBatcher:
         finally:
             self.pending -= size
             self.on_depth(self.pending)
+            slots.release()
 
     def _chunked(self, batch: np.ndarray) -> np.ndarray:
         """Call ``fn`` in chunks of ``max_batch_size`` (one oversized request can exceed it)."""

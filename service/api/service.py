@@ -1,6 +1,7 @@
 """The Service: a thin adapter over the pipeline's stages for HTTP requests. ``Pipeline.prepare`` runs in a
-worker thread pool, the DynamicBatcher batches ``Pipeline.score`` across requests in one inference thread,
-``Pipeline.finish`` builds each result; a watchdog turns a stalled inference into not-ready."""
+worker thread pool, the DynamicBatcher batches ``Pipeline.score`` across requests (``concurrent_batches``
+at once, each in an inference thread), ``Pipeline.finish`` builds each result; a watchdog turns a stalled
+inference into not-ready."""
 
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ class Service:
         self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         self.pipeline = Pipeline(settings.pipeline_settings())
         self.workers = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="crfiqa-prep")
-        self.inference = ThreadPoolExecutor(1, thread_name_prefix="crfiqa-quality")
+        self.inference = ThreadPoolExecutor(settings.concurrent_batches, thread_name_prefix="crfiqa-quality")
         self.batcher = DynamicBatcher(
             self._infer, self.inference, settings.max_batch_size, settings.max_queue_delay_ms / 1000,
-            settings.max_queue_size, on_batch=self.metrics.batch_size.observe, on_depth=self.metrics.queue_depth.set)
+            settings.max_queue_size, on_batch=self.metrics.batch_size.observe, on_depth=self.metrics.queue_depth.set,
+            concurrency=settings.concurrent_batches)
         self.warmed = False
         self.stalled = False
         self._processes: ProcessPoolExecutor | None = None

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Reproduce the v2 candidates of the default quality model and the v2 evaluation in docs/model-card.md
-# ("v2 evaluation"), end to end from ../shared. v1 (models/crfiqa_mbf.onnx) stays the default: neither
-# candidate beat it on both sets (see the card). Every step resumes or skips what is already done.
-# Training: about 25 minutes of steps on an idle 2-core CPU plus one clean pass over the 4,368 training
-# faces (checkpointed every 10 steps; rerun this script to resume).
+# Reproduce the default quality model v2 (models/crfiqa_mbf.onnx) and its evaluation in docs/model-card.md,
+# end to end from ../shared. Every step resumes or skips what is already done.
+# Fit: about 25 minutes on an idle 2-core CPU (one pass of the frozen w600k_mbf over 8,254 faces x 4 copies,
+# saved in feature shards: rerun this script to resume), then a ridge solve of seconds.
+#   ABLATIONS=1  also trains the v2-finetuned ablation (training/configs/crfiqa_mbf_v2_finetune.yaml, ~45 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -27,24 +27,20 @@ if [ ! -d runs/train_v2 ]; then
   $crfiqa prepare runs/src_train_v2 --out runs/train_v2
 fi
 
-# 3. Train (resumes from runs/crfiqa_mbf_v2/latest.pt), export, calibrate on the anchor sets.
+# 3. Fit (mode closed_form: resumes from runs/crfiqa_mbf_v2/features), export optimised, calibrate on the anchors.
 init=models/fr/insightface_w600k_mbf.onnx
-if [ -f runs/crfiqa_mbf_v2/latest.pt ]; then
-  $crfiqa train --config crfiqa_mbf_v2 --data runs/train_v2 --init-backbone $init --resume runs/crfiqa_mbf_v2
-else
-  $crfiqa train --config crfiqa_mbf_v2 --data runs/train_v2 --init-backbone $init
-fi
-# The shipped-candidate run was stopped at step 420 of 450 (a loaded machine); export that checkpoint.
-ckpt=runs/crfiqa_mbf_v2/checkpoint_000420.pt; [ -f $ckpt ] || ckpt=runs/crfiqa_mbf_v2
+[ -f runs/crfiqa_mbf_v2/fit.json ] || $crfiqa train --config crfiqa_mbf_v2 --data runs/train_v2 --init-backbone $init
 if [ ! -f runs/export/crfiqa_mbf_v2.onnx ]; then
-  $crfiqa export $ckpt --out runs/export/crfiqa_mbf_v2.onnx --name crfiqa_mbf
+  $crfiqa export runs/crfiqa_mbf_v2/latest.pt --out runs/export/crfiqa_mbf_v2.onnx --name crfiqa_mbf --reference runs/train_v2
   $py scripts/calibrate_default_model.py runs/export/crfiqa_mbf_v2.onnx --reference runs/train_v2
 fi
-# The frozen ablation: the pretrained backbone + the ridge-fitted norm-aware qs (no SGD step).
-if [ ! -f runs/export/frozen_ridge.onnx ]; then
-  $py scripts/frozen_ridge_head.py runs/crfiqa_mbf_v2 --out runs/frozen_ridge/latest.pt
-  $crfiqa export runs/frozen_ridge/latest.pt --out runs/export/frozen_ridge.onnx --name crfiqa_mbf_frozen
-  $py scripts/calibrate_default_model.py runs/export/frozen_ridge.onnx --reference runs/train_v2
+quality=(--quality crfiqa_mbf_v2=model:runs/export/crfiqa_mbf_v2.onnx)
+if [ "${ABLATIONS:-0}" = 1 ]; then
+  $crfiqa train --config crfiqa_mbf_v2_finetune --data runs/train_v2 --init-backbone $init \
+    $( [ -f runs/crfiqa_mbf_v2_finetune/latest.pt ] && echo --resume runs/crfiqa_mbf_v2_finetune )
+  [ -f runs/export/crfiqa_mbf_v2_finetune.onnx ] || \
+    $crfiqa export runs/crfiqa_mbf_v2_finetune --out runs/export/crfiqa_mbf_v2_finetune.onnx --reference runs/train_v2
+  quality+=(--quality v2_finetuned=model:runs/export/crfiqa_mbf_v2_finetune.onnx)
 fi
 
 # 4. Evaluation sets: (a) LFW dev, half the photos degraded by ISO/IEC 29794-5 operators of ofiq-syngen
@@ -53,16 +49,18 @@ fi
 [ -d runs/lfw_dev_ofiq ] || $crfiqa degrade "$shared/data/lfw/images" --out runs/lfw_dev_ofiq --seed 2027 --fraction 0.5 --family ofiq
 [ -d runs/lfw_dev_xq ] || $crfiqa degrade "$shared/data/lfw/images" --out runs/lfw_dev_xq --seed 2026 --fraction 0.5
 
-# 5. Evaluate: SFace judges; w600k_mbf (same backbone as the quality model) as the second judge.
+# 5. Evaluate: SFace judges; w600k_mbf (the backbone of the quality model) as the second judge.
 for rec in sface_2021dec w600k_mbf; do
   for set in lfw_dev_ofiq celeba_dev lfw_dev_xq; do
     case $set in celeba_dev) images=runs/celeba_split/dev ;; *) images=runs/$set ;; esac
     [ -f "runs/eval/${set}_${rec}/report.json" ] && continue
-    $crfiqa evaluate --all-vs-all "$images" --max-genuine-per-identity 40 --recognition "$rec" \
-      --quality frozen_ridge=model:runs/export/frozen_ridge.onnx --quality v1=model:crfiqa_mbf \
-      --quality v2=model:runs/export/crfiqa_mbf_v2.onnx \
+    $crfiqa evaluate --all-vs-all "$images" --max-genuine-per-identity 40 --recognition "$rec" "${quality[@]}" \
       --baseline embedding_norm:w600k_mbf lightqnet det_score sharpness random \
-      --fmr 1e-3 1e-4 --protocol both --threshold-mode fixed --bootstrap "$bootstrap" --guidance v1 \
+      --fmr 1e-3 1e-4 --protocol both --threshold-mode fixed --bootstrap "$bootstrap" --guidance crfiqa_mbf_v2 \
       --out "runs/eval/${set}_${rec}"
   done
 done
+
+# 6. Ablations of the recipe, refitted from the run's feature shards (no second pass over the faces).
+[ -f runs/eval/ablations.md ] || $py scripts/ablate_closed_form.py runs/crfiqa_mbf_v2 --bootstrap "$bootstrap" \
+  --set ofiq=runs/lfw_dev_ofiq --set celeba=runs/celeba_split/dev --set in_family=runs/lfw_dev_xq > runs/eval/ablations.md

@@ -433,3 +433,74 @@ def test_anchor_calibration_meets_its_targets() -> None:
 def _fixture_crops_rgb(n: int = 6) -> np.ndarray:
     rec = RecordIO(REC)
     return np.stack([decode_image(rec.read(k).image).rgb for k in rec.image_keys()[:n]])
+
+
+def test_feature_stats_head_sees_the_norm_and_channel_statistics() -> None:
+    from crfiqa.training.heads import FeatureStatsHead, build_quality_head
+
+    rng = np.random.default_rng(0)
+    emb = torch.tensor(rng.normal(size=(5, 8)), dtype=torch.float32)
+    maps = [torch.tensor(rng.normal(size=(5, 3, 4, 4)), dtype=torch.float32),
+            torch.tensor(rng.normal(2.0, 3.0, size=(5, 2, 7, 7)), dtype=torch.float32)]
+    feats = FeatureStatsHead.features(emb, maps).numpy()
+    norm = np.linalg.norm(emb.numpy(), axis=1, keepdims=True)
+    columns = [emb.numpy() / norm, np.log(norm)]
+    for m in maps:
+        columns += [m.numpy().mean((2, 3)), m.numpy().std((2, 3))]
+    by_hand = np.concatenate(columns, axis=1)
+    np.testing.assert_allclose(feats, by_hand, rtol=1e-5, atol=1e-5)
+    head = build_quality_head("feature_stats", 8, [3, 2])
+    assert head(emb, maps).shape == (5, 1) and head.linear.in_features == 8 + 1 + 2 * 5
+    with pytest.raises(ValueError, match="channel counts"):
+        build_quality_head("feature_stats", 8)
+
+
+@pytest.mark.slow
+def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path) -> None:
+    from crfiqa.training.config import TrainConfig
+    from crfiqa.training.export import export_checkpoint
+    from crfiqa.training.losses import LeaveOneOutCentres
+    from crfiqa.training.train import build_model
+
+    cfg = _config(tmp_path, init_backbone=str(MBF), mode="closed_form", quality_head="feature_stats",
+                  taps=["397", "509"], augment=["flip", "always_degrade"], augment_copies=1, ridge_alpha=0.01,
+                  batch_size=16)
+    run = tmp_path / "run"
+    train_main(["--config", str(cfg), "--out", str(run)])
+    shards = sorted((run / "features").glob("*.pt"))
+    assert [p.name for p in shards] == ["copy00_00000.pt", "copy01_00000.pt"]
+    ckpt = load_checkpoint(run / "latest.pt")
+    weight = ckpt["backbone"]["qs.linear.weight"]
+    assert weight.shape == (1, 512 + 1 + 2 * (128 + 512))
+
+    # The fit is the ridge regression of the leave-one-out CR of both copies on the saved features.
+    parts = [torch.load(p, weights_only=True) for p in shards]
+    labels = torch.tensor([label for _, label in open_dataset(str(REC), augment=[]).samples])
+    loo = LeaveOneOutCentres(parts[0]["embedding"], labels, int(labels.max()) + 1)
+    index = torch.arange(len(labels))
+    y = torch.cat([certainty_target(loo.cosines(p["embedding"], index, labels), labels)[0] for p in parts]).double().numpy()
+    x = torch.cat([p["features"] for p in parts]).double().numpy()
+    mu, sd = x.mean(0), x.std(0, ddof=1).clip(1e-8)
+    z = (x - mu) / sd
+    w = np.linalg.solve(z.T @ z + 0.01 * len(z) * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+    np.testing.assert_allclose(x @ weight.double().numpy()[0] + float(ckpt["backbone"]["qs.linear.bias"]),
+                               z @ w + y.mean(), atol=1e-4)
+    assert json.loads((run / "fit.json").read_text())["rows"] == 2 * len(labels)
+
+    # Resume: a lost shard is recomputed (the same seeded degradations), the others are reused.
+    kept = shards[0].stat().st_mtime_ns
+    shards[1].unlink()
+    train_main(["--config", str(cfg), "--out", str(run)])
+    assert shards[0].stat().st_mtime_ns == kept and shards[1].exists()
+    assert torch.allclose(load_checkpoint(run / "latest.pt")["backbone"]["qs.linear.weight"], weight, atol=1e-6)
+
+    # Exported, the graph gives the torch model's quality on real faces.
+    out = export_checkpoint(str(run / "latest.pt"), str(tmp_path / "q.onnx"))
+    assert out["parity"] <= 1e-4
+    model = build_model(TrainConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["backbone"])
+    crops = _fixture_crops_rgb()
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(to_blob(crops))).quality.numpy()[:, 0]
+    p, entry = resolve(str(tmp_path / "q.onnx"), "quality")
+    assert np.abs(QualityModel(p, entry, ("CPUExecutionProvider",)).predict(crops) - ref).max() <= 1e-4

@@ -5,7 +5,8 @@ Anchors (issue 14): sharp, frontal, high-resolution faces should average >= 70, 
 deep-funnelled LFW training photos (eyes 40-60+ px apart in the photo, so the 112 crop is at full
 detail); the bad sets are the same crops with the resolution of a 10-px inter-eye face (``resample``)
 and with a Gaussian blur of sigma 3 at the crop scale. The logistic's centre and scale are chosen so that
-the good set averages ``good_target`` and the worse of the two bad sets averages ``bad_target``.
+the good set averages at least ``good_target`` and the worse of the two bad sets at most ``bad_target``, with
+the widest logistic that does both.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from crfiqa.evaluation.degradations import TEMPLATE_EYE_PX, blur, resample
 from crfiqa.service.facemodel import calibrate
 from crfiqa.service.registry import Calibration
 
-GOOD_TARGET, BAD_TARGET = 80.0, 12.0
+GOOD_TARGET, BAD_TARGET = 70.0, 20.0  # issue 14: sharp faces >= 70 on average, 10-px or blurred <= 20
 LOW_EYE_PX, HEAVY_BLUR_SIGMA = 10.0, 3.0
 
 
@@ -29,36 +30,42 @@ def anchor_sets(crops: np.ndarray) -> dict[str, np.ndarray]:
 
 def fit_anchor_calibration(good: np.ndarray, bad: list[np.ndarray], good_target: float = GOOD_TARGET,
                            bad_target: float = BAD_TARGET) -> Calibration:
-    """Centre and scale with mean score(good) = ``good_target`` and max over ``bad`` of the mean score =
-    ``bad_target`` (two equations, solved by bisection on the centre with the scale fitted inside)."""
+    """The widest logistic (largest scale) whose good set averages >= ``good_target`` and whose worse bad
+    set averages <= ``bad_target``: both targets hold, and scores stay spread over 0-100 instead of
+    becoming a pass/fail step. At that scale both targets are met with equality."""
     good = np.asarray(good, np.float64)
+    bad = [np.asarray(b, np.float64) for b in bad]
     if not bad or np.median(good) <= max(np.median(b) for b in bad):
         raise ValueError("the good anchor faces must score above the bad ones")
+    lo_c = min(float(b.min()) for b in [*bad, good]) - 1.0
+    hi_c = max(float(b.max()) for b in [*bad, good]) + 1.0
 
     def mean_score(raw: np.ndarray, c: float, s: float) -> float:
         return float(calibrate(raw, Calibration(c, s)).mean())
 
-    def scale_for(c: float) -> float:
-        # mean score of the good set decreases with the scale when most good faces are above the centre
-        lo, hi = 1e-6, 10.0 * (np.ptp(good) + 1e-6)
-        for _ in range(80):
-            mid = (lo * hi) ** 0.5
-            lo, hi = (mid, hi) if mean_score(good, c, mid) > good_target else (lo, mid)
-        return (lo * hi) ** 0.5
+    def centre_where(f, target: float, s: float) -> float:
+        """The centre at which ``f(c, s)`` (decreasing in c) equals ``target``."""
+        lo, hi = lo_c, hi_c
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if f(mid, s) > target else (lo, mid)
+        return 0.5 * (lo + hi)
 
-    def worst_bad(c: float) -> float:
-        s = scale_for(c)
-        return max(mean_score(np.asarray(b, np.float64), c, s) for b in bad)
+    def window(s: float) -> tuple[float, float]:
+        """(lowest centre with the bad sets <= target, highest with the good set >= target) at scale ``s``."""
+        worst = lambda c, s: max(mean_score(b, c, s) for b in bad)  # noqa: E731
+        return centre_where(worst, bad_target, s), centre_where(lambda c, s: mean_score(good, c, s), good_target, s)
 
-    # Above the centre the mean can exceed good_target only if enough good faces are: keep it below the
-    # 10th percentile of the good set; if the bad target is out of reach there, this returns that limit.
-    lo = min(float(np.min(b)) for b in bad)
-    hi = float(np.percentile(good, 10))
-    for _ in range(60):  # a higher centre pushes the bad sets further down
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if worst_bad(mid) > bad_target else (lo, mid)
-    c = 0.5 * (lo + hi)
-    return Calibration(centre=float(c), scale=float(scale_for(c)))
+    lo_s, hi_s = 1e-6 * (np.ptp(good) + 1e-6), 10.0 * (np.ptp(good) + 1e-6)
+    c_bad, c_good = window(lo_s)
+    if c_bad > c_good:
+        raise ValueError(f"no logistic puts the good anchors above {good_target} and the bad ones below {bad_target}")
+    for _ in range(60):  # wider scales narrow the window of admissible centres until it closes
+        mid = (lo_s * hi_s) ** 0.5
+        b, g = window(mid)
+        lo_s, hi_s = (mid, hi_s) if b <= g else (lo_s, mid)
+    c_bad, c_good = window(lo_s)
+    return Calibration(centre=float(0.5 * (c_bad + c_good)), scale=float(lo_s))
 
 
 def anchor_report(raw: dict[str, np.ndarray], calibration: Calibration) -> dict[str, float]:

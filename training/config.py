@@ -22,8 +22,13 @@ class TrainConfig:
     init_backbone: str | None = None  # arcface_torch state dict (.pth/.pt) or .onnx recognition model
     embedding_size: int = 512
     head_init: str = "random"  # or "class_means": centres start at each class's mean normalised embedding
-    mode: str = "simultaneous"  # or "on_top": frozen backbone, only the head and qs train
-    quality_head: str = "linear"  # the paper's Linear(D -> 1) on the embedding, or "norm": it also sees log|e|
+    mode: str = "simultaneous"  # "on_top": frozen backbone, only the head and qs train; "closed_form": frozen
+    # backbone, qs fitted by ridge regression of CR (training/closed_form.py)
+    quality_head: str = "linear"  # the paper's Linear(D -> 1) on the embedding, "norm": it also sees log|e|,
+    # "feature_stats": log|e| and channel statistics of the backbone's feature maps named in ``taps``
+    taps: list[str] = field(default_factory=list)  # ONNX tensor names of an imported backbone (feature_stats)
+    augment_copies: int = 0  # closed_form: degraded copies of every face besides the clean one
+    ridge_alpha: float = 0.1  # closed_form: ridge penalty per training row (on standardised features)
     qs_init: str = "default"  # or "ridge": qs starts at the ridge fit of CR on the clean pretrained embeddings
     cr_centres: str = "head"  # CR from the ArcFace centres (paper), or "loo": leave-one-out class means
     freeze_fraction: float = 0.0  # imported ONNX backbones: freeze this share of the early nodes
@@ -53,12 +58,16 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0 = torch's default)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("simultaneous", "on_top"):
-            raise ValueError(f"mode must be simultaneous or on_top, not {self.mode!r}")
+        if self.mode not in ("simultaneous", "on_top", "closed_form"):
+            raise ValueError(f"mode must be simultaneous, on_top or closed_form, not {self.mode!r}")
         if self.head_init not in ("random", "class_means"):
             raise ValueError(f"head_init must be random or class_means, not {self.head_init!r}")
-        if self.quality_head not in ("linear", "norm"):
-            raise ValueError(f"quality_head must be linear or norm, not {self.quality_head!r}")
+        if self.quality_head not in ("linear", "norm", "feature_stats"):
+            raise ValueError(f"quality_head must be linear, norm or feature_stats, not {self.quality_head!r}")
+        if self.quality_head == "feature_stats" and not (self.taps and self.mode == "closed_form"):
+            raise ValueError("quality_head feature_stats needs taps (tensor names) and mode closed_form")
+        if self.augment_copies < 0 or self.ridge_alpha < 0:
+            raise ValueError("augment_copies and ridge_alpha must not be negative")
         if self.qs_init not in ("default", "ridge"):
             raise ValueError(f"qs_init must be default or ridge, not {self.qs_init!r}")
         if self.cr_centres not in ("head", "loo"):

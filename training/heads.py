@@ -1,12 +1,15 @@
-"""Quality heads ``qs``: the paper's linear unit on the embedding, and one that also sees the embedding's norm."""
+"""Quality heads ``qs``: the paper's linear unit on the embedding, one that also sees the embedding's norm, and
+one that sees the norm and statistics of the backbone's intermediate feature maps."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUALITY_HEADS = ("linear", "norm")
+QUALITY_HEADS = ("linear", "norm", "feature_stats")
 
 
 class NormAwareHead(nn.Module):
@@ -27,12 +30,43 @@ class NormAwareHead(nn.Module):
         return self.linear(self.features(embedding))
 
 
-def build_quality_head(kind: str, embedding_size: int) -> nn.Module:
-    """A fresh ``qs`` of the given kind."""
+class FeatureStatsHead(nn.Module):
+    """``qs = w . [e/|e|, log|e|, mean_hw(F), std_hw(F) for each tapped feature map F] + b``.
+
+    The embedding is trained to be invariant to what degrades a face; the feature maps before it are not: the
+    per-channel mean and spread of their activations say how much texture, contrast and structure the network
+    found (blur, low contrast, warps and colour casts move them), which the embedding and its norm summarise
+    away. Fitted in closed form (``training/closed_form.py``) on a frozen backbone."""
+
+    def __init__(self, embedding_size: int, channels: Sequence[int]) -> None:
+        super().__init__()
+        self.channels = list(channels)
+        self.linear = nn.Linear(embedding_size + 1 + 2 * sum(self.channels), 1)
+
+    @staticmethod
+    def features(embedding: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[unit embedding, log norm, then per map: channel means, channel standard deviations (population)]."""
+        stats = [NormAwareHead.features(embedding)]
+        for m in maps:
+            m = m.float()
+            mean = m.mean(dim=(2, 3), keepdim=True)
+            stats += [mean.flatten(1), (m - mean).square().mean(dim=(2, 3)).sqrt()]
+        return torch.cat(stats, dim=1)
+
+    def forward(self, embedding: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.linear(self.features(embedding, maps))
+
+
+def build_quality_head(kind: str, embedding_size: int, channels: Sequence[int] = ()) -> nn.Module:
+    """A fresh ``qs`` of the given kind (``feature_stats``: ``channels`` of the tapped maps)."""
     if kind == "linear":
         return nn.Linear(embedding_size, 1)
     if kind == "norm":
         return NormAwareHead(embedding_size)
+    if kind == "feature_stats":
+        if not channels:
+            raise ValueError("a feature_stats head needs the channel counts of its tapped feature maps")
+        return FeatureStatsHead(embedding_size, channels)
     raise ValueError(f"quality_head must be one of {QUALITY_HEADS}, not {kind!r}")
 
 
@@ -43,14 +77,21 @@ def head_features(head: nn.Module, embedding: torch.Tensor) -> torch.Tensor:
 
 def head_linear(head: nn.Module) -> nn.Linear:
     """The head's final linear layer."""
-    return head.linear if isinstance(head, NormAwareHead) else head
+    return head.linear if isinstance(head, (NormAwareHead, FeatureStatsHead)) else head
 
 
 @torch.no_grad()
 def ridge_init(head: nn.Module, embeddings: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0) -> float:
-    """Set the head to the ridge regression of ``targets`` on its features (features standardised for the
-    penalty, intercept free); returns the fit's RMSE. Training then starts from the best linear fit."""
-    x = head_features(head, embeddings).double()
+    """Set the head to the ridge regression of ``targets`` on its features; returns the fit's RMSE. Training
+    then starts from the best linear fit."""
+    return ridge_fit(head_linear(head), head_features(head, embeddings), targets, alpha)
+
+
+@torch.no_grad()
+def ridge_fit(lin: nn.Linear, features: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0) -> float:
+    """Set ``lin`` to the ridge regression of ``targets`` on ``features`` (standardised for the penalty,
+    intercept free, folded back into the raw-feature weights); returns the fit's RMSE."""
+    x = features.double()
     y = targets.double()
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
     z = (x - mu) / sd
@@ -58,7 +99,6 @@ def ridge_init(head: nn.Module, embeddings: torch.Tensor, targets: torch.Tensor,
     w = torch.linalg.solve(gram, z.T @ (y - y.mean()))
     weight = w / sd
     bias = y.mean() - (mu * weight).sum()
-    lin = head_linear(head)
     lin.weight.copy_(weight[None].to(lin.weight.dtype))
     lin.bias.fill_(float(bias))
     return float(((x @ weight + bias - y) ** 2).mean().sqrt())

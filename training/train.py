@@ -24,7 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from crfiqa.training.backbones import QualityNet, create_backbone
+from crfiqa.training.backbones.onnx_import import OnnxBackbone
 from crfiqa.training.checkpoint import load_state_dict_checked
+from crfiqa.training.closed_form import fit_closed_form
 from crfiqa.training.config import TrainConfig
 from crfiqa.training.data import open_dataset
 from crfiqa.training.data.augment import build_augmentations
@@ -100,7 +102,12 @@ def build_model(cfg: TrainConfig) -> QualityNet:
         model = create_backbone(cfg.backbone, embedding_size=cfg.embedding_size)
         if cfg.init_backbone:
             load_init_backbone(model, cfg.init_backbone)
-    if cfg.quality_head != "linear":
+    if cfg.quality_head == "feature_stats":
+        if not isinstance(model, OnnxBackbone):
+            raise ValueError("quality_head feature_stats taps an imported ONNX backbone: set init_backbone to an .onnx")
+        model.taps = tuple(cfg.taps)
+        model.qs = build_quality_head(cfg.quality_head, model.embedding_size, model.tap_channels(cfg.taps))
+    elif cfg.quality_head != "linear":
         model.qs = build_quality_head(cfg.quality_head, model.embedding_size)
     return model
 
@@ -240,6 +247,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    if cfg.mode == "closed_form":  # one pass of a frozen network and a solve; resumes from its feature shards
+        if d.world > 1:
+            raise ValueError("mode closed_form runs in one process (no torchrun)")
+        return fit_closed_form(cfg, build_model(cfg))
     dataset = open_dataset(cfg.data, augment=build_augmentations(cfg.augment),
                            max_per_identity=cfg.max_per_identity, seed=cfg.seed)
     model = build_model(cfg).to(d.device)

@@ -8,6 +8,7 @@ does not install beside the CPU torch build.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -15,7 +16,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from crfiqa.training.backbones.base import QualityNet
+from crfiqa.training.backbones.base import QualityNet, QualityOutput
 
 SUPPORTED = ("Conv", "PRelu", "Add", "Flatten", "Gemm", "BatchNormalization")
 
@@ -137,10 +138,17 @@ class OnnxGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run every node in order and return the graph output."""
+        return self.run(x, ())[0]
+
+    def run(self, x: torch.Tensor, taps: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The graph output and the intermediate tensors named ``taps``."""
         env = {self.input_name: x}
         for module, (_, inputs, output) in zip(self.nodes, self.steps):
             env[output] = module(*(env[i] for i in inputs))
-        return env[self.output_name]
+        missing = [t for t in taps if t not in env]
+        if missing:
+            raise ValueError(f"no tensors {missing} in the graph")
+        return env[self.output_name], [env[t] for t in taps]
 
 
 class OnnxBackbone(QualityNet):
@@ -155,10 +163,27 @@ class OnnxBackbone(QualityNet):
         super().__init__(dim)
         self.graph = graph
         self.source = str(path)
+        self.taps: tuple[str, ...] = ()  # intermediate tensors the quality head reads (a FeatureStatsHead)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The imported network's output."""
         return self.graph(x)
+
+    def forward(self, x: torch.Tensor) -> QualityOutput:
+        """Embedding and quality; a head on tapped feature maps gets them from the same pass."""
+        if not self.taps:
+            return super().forward(x)
+        embedding, maps = self.graph.run(x, self.taps)
+        return QualityOutput(embedding, self.qs(embedding, maps))
+
+    @torch.no_grad()
+    def tap_channels(self, taps: Sequence[str]) -> list[int]:
+        """Channel counts of the named intermediate tensors (a shape probe in eval mode)."""
+        was_training = self.training
+        self.eval()
+        _, maps = self.graph.run(torch.zeros(1, 3, 112, 112), taps)
+        self.train(was_training)
+        return [m.shape[1] for m in maps]
 
     def freeze_prefix(self, fraction: float) -> None:
         """Freeze the first ``fraction`` of the graph's nodes (the early blocks): fewer gradients to compute."""

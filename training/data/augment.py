@@ -26,7 +26,12 @@ def degrade(crop: np.ndarray, rng: random.Random, p: float = 0.5) -> np.ndarray:
     return apply_chain(crop, draw_chain(rng, TEMPLATE_EYE_PX, TRAIN_SPEC))
 
 
-AUGMENTATIONS: dict[str, Augment] = {"flip": horizontal_flip, "degrade": degrade}
+def always_degrade(crop: np.ndarray, rng: random.Random) -> np.ndarray:
+    """A random degradation chain on every crop (the degraded copies of ``mode: closed_form``)."""
+    return degrade(crop, rng, p=1.0)
+
+
+AUGMENTATIONS: dict[str, Augment] = {"flip": horizontal_flip, "degrade": degrade, "always_degrade": always_degrade}
 
 
 def build_augmentations(names: list[str]) -> list[Augment]:

@@ -1,0 +1,98 @@
+"""``mode: closed_form``: the CR regression of CR-FIQA on a frozen pretrained backbone, solved exactly.
+
+The paper trains the backbone and ``qs`` together. On this project's data (1,258 identities of 2-20 images)
+fine-tuning the backbone loses more than it gains (docs/model-card.md, v2-finetuned), so this mode keeps the
+pretrained recogniser and fits only the quality head: every training face, clean and in ``augment_copies``
+degraded copies, goes once through the frozen network; CR (the paper's target, from leave-one-out class
+centres of the clean embeddings) is regressed on the head's features by ridge regression (the closed-form
+minimiser of the squared loss; no learning-rate schedule to tune). Features are written in shards, so an
+interrupted run resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from crfiqa.training.config import TrainConfig
+from crfiqa.training.data import open_dataset
+from crfiqa.training.data.augment import build_augmentations
+from crfiqa.training.heads import FeatureStatsHead, head_features, head_linear, ridge_fit
+from crfiqa.training.losses import LeaveOneOutCentres, certainty_target
+
+SHARD = 2048  # faces per feature shard: the unit of resumption
+
+
+@torch.no_grad()
+def head_inputs(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings, the head's input features) of a normalised batch."""
+    if isinstance(model.qs, FeatureStatsHead):
+        embedding, maps = model.graph.run(images, model.taps)
+        return embedding, FeatureStatsHead.features(embedding, maps)
+    embedding = model.forward_features(images)
+    return embedding, head_features(model.qs, embedding)
+
+
+def copy_features(model: torch.nn.Module, dataset, copy: int, out: Path, batch_size: int, workers: int,
+                  bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and head features of every face in one copy of the dataset (copy 0: clean), from
+    shards on disk where they exist."""
+    n = len(dataset)
+    embs, feats = [], []
+    for start in range(0, n, SHARD):
+        path = out / "features" / f"copy{copy:02d}_{start // SHARD:05d}.pt"
+        if path.exists():
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            subset = torch.utils.data.Subset(dataset, range(start, min(n, start + SHARD)))
+            e, f = [], []
+            for images, _ in DataLoader(subset, batch_size=batch_size, num_workers=workers):
+                a, b = head_inputs(model, images)
+                e.append(a.float())
+                f.append(b.float())
+            shard = {"embedding": torch.cat(e), "features": torch.cat(f)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(shard, tmp)
+            tmp.replace(path)  # atomic: a killed run never leaves a half shard
+        embs.append(shard["embedding"])
+        feats.append(shard["features"])
+        bar.update(len(shard["embedding"]))
+    return torch.cat(embs), torch.cat(feats)
+
+
+def fit_closed_form(cfg: TrainConfig, model: torch.nn.Module) -> dict:
+    """Extract (or reload) the features of every copy, fit ``qs`` by ridge, save ``latest.pt``; the fit's
+    numbers (also in ``fit.json``)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dataset = open_dataset(cfg.data, augment=[], max_per_identity=cfg.max_per_identity, seed=cfg.seed)
+    labels = torch.tensor([label for _, label in dataset.samples])
+    model.eval().requires_grad_(False)
+    embs, feats = [], []
+    copies = 1 + cfg.augment_copies
+    with tqdm(total=copies * len(dataset), unit="face", desc="features", file=sys.stderr) as bar:
+        for copy in range(copies):
+            dataset.augment = [] if copy == 0 else build_augmentations(cfg.augment)
+            dataset.set_epoch(copy)  # each copy draws its own degradations, reproducibly
+            e, f = copy_features(model, dataset, copy, out, cfg.batch_size, cfg.workers, bar)
+            embs.append(e)
+            feats.append(f)
+    loo = LeaveOneOutCentres(embs[0], labels, dataset.num_classes)
+    index = torch.arange(len(labels))
+    targets = torch.cat([certainty_target(loo.cosines(e, index, labels), labels, cfg.cr_target)[0] for e in embs])
+    x = torch.cat(feats)
+    rmse = ridge_fit(head_linear(model.qs), x, targets, alpha=cfg.ridge_alpha * len(x))
+    report = {"faces": len(labels), "identities": dataset.num_classes, "rows": len(x), "features": x.shape[1],
+              "cr_mean": float(targets.mean()), "cr_std": float(targets.std()), "rmse": rmse}
+    torch.save({"step": 0, "config": cfg.to_dict(), "backbone": model.state_dict()}, out / "latest.pt")
+    (out / "fit.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report), file=sys.stderr)
+    return report

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         "norm-aware head + degraded copies": (np.r_[groups["unit"], groups["norm"]], None),
         f"+ last map only ({last})": (np.r_[groups["unit"], groups["norm"], groups[last]], None),
         "all maps, clean faces only": (every, 1),
-        "all maps, without e/|e|": (every[model.embedding_size:], None),
+        "all maps, without the unit embedding": (every[model.embedding_size:], None),
         "shipped: all maps + degraded copies": (every, None),
     }
     copies = load_copies(args.run, 1 + cfg.augment_copies)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the default quality model v2 (models/crfiqa_mbf.onnx) and its evaluation in docs/model-card.md,
 # end to end from ../shared. Every step resumes or skips what is already done.
-# Fit: about 25 minutes on an idle 2-core CPU (one pass of the frozen w600k_mbf over 8,254 faces x 4 copies,
+# Fit: about 9 minutes on a 2-core CPU (one pass of the frozen w600k_mbf over 8,254 faces x 4 copies,
 # saved in feature shards: rerun this script to resume), then a ridge solve of seconds.
 #   ABLATIONS=1  also trains the v2-finetuned ablation (training/configs/crfiqa_mbf_v2_finetune.yaml, ~45 min)
 set -euo pipefail

@@ -46,9 +46,6 @@ def _pipeline(args: argparse.Namespace, quality: str | None = None):
     settings = env.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     pipe = settings.pipeline_settings()
     det = pipe.detection.with_overrides(max_faces=args.max_faces, min_face_size=args.min_face_size)
-    if "inference_threads" not in env.model_fields_set:
-        # Pipeline.run prepares and scores several images at once: single-threaded calls cost the least CPU.
-        pipe = replace(pipe, intra_op_threads=1)
     return Pipeline(replace(pipe, detection=det))
 
 

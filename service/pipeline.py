@@ -4,6 +4,7 @@ differ only in where a batch comes from (pytriton's shape: the batch function is
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -11,6 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import islice
 from pathlib import Path
 
 import cv2
@@ -31,11 +33,12 @@ from crfiqa.service.imaging import (
 )
 from crfiqa.service.registry import Manifest, resolve
 from crfiqa.service.results import Component, Detection, FaceResult, ImageResult, Quality
-from crfiqa.service.runtime import DEFAULT_PROVIDERS
+from crfiqa.service.runtime import DEFAULT_PROVIDERS, GPU_PROVIDERS, select_providers
 
 #: An input of ``prepare``: a path, a (name, encoded bytes) pair or a (name, decoded image) pair.
 Source = str | Path | tuple[str, bytes] | tuple[str, DecodedImage]
 NO_CROPS = np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
+log = logging.getLogger("crfiqa.pipeline")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class PipelineSettings:
     decode_workers: int = min(4, os.cpu_count() or 1)  # run(): threads preparing images
     score_workers: int = min(4, os.cpu_count() or 1)  # run(): quality batches scored at once
     intra_op_threads: int = 1  # ONNX Runtime threads per session call; 0 = one per core (lowest latency alone)
+    # run(): detect batch_size images per network call (SCRFD; one call per input shape). None = when the first
+    # provider is a GPU's: there one call per image leaves the device idle; on a CPU per-image calls side by
+    # side already fill the cores.
+    batch_detection: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,18 @@ class Pipeline:
         self.quality_name = self.settings.quality or self.manifest.defaults["quality"]
 
     @cached_property
+    def batch_detection(self) -> bool:
+        """Whether ``run`` detects several images per network call (the setting, else: on a GPU)."""
+        if self.settings.batch_detection is not None:
+            return self.settings.batch_detection
+        return select_providers(self.settings.providers)[0] in GPU_PROVIDERS
+
+    @cached_property
     def detector(self) -> Detector:
         """The detector adapter (verified on first use); it reads its input spec from the manifest entry."""
         path, entry = resolve(self.detector_name, "detector", self.manifest, self.settings.models_dir)
         return create_detector(path, entry, self.settings.detection, self.settings.providers,
-                               self.settings.intra_op_threads)
+                               self.settings.intra_op_threads, batched=self.batch_detection)
 
     @cached_property
     def quality(self) -> QualityModel:
@@ -139,21 +153,60 @@ class Pipeline:
     def prepare(self, source: Source, options: Options | None = None) -> Prepared:
         """Decode, detect, select and align one image; a bad image becomes ``Prepared.error``, never a raise."""
         opts = options or Options()
-        name = source[0] if isinstance(source, tuple) else str(source)
-        prepared = Prepared(name)
+        prepared = self._decoded(source)
+        if prepared.image is not None:
+            self._faces(prepared, opts)
+        return prepared
+
+    def prepare_many(self, sources: Sequence[Source], options: Options | None = None) -> list[Prepared]:
+        """``prepare`` for several images with one detector network call per input shape (a batched SCRFD;
+        other detectors, or a failed batch call, detect image by image): the same results, in order."""
+        opts = options or Options()
+        batch = [self._decoded(s) for s in sources]
+        ready = [p for p in batch if p.image is not None]
+        found: list[list[Detection] | None] = [None] * len(ready)
+        detect_many = getattr(self.detector, "detect_many", None)
+        if ready and detect_many is not None and not opts.aligned:
+            t = time.perf_counter()
+            try:
+                found = list(detect_many([p.image.rgb for p in ready if p.image is not None], opts.detection))
+            except Exception:  # ORT raises untyped errors; image by image, each failure stays typed
+                log.warning("batched detection failed; detecting image by image", exc_info=True)
+            else:
+                share = (time.perf_counter() - t) / len(ready)
+                for p in ready:
+                    p.timings["detect"] = share
+        for p, dets in zip(ready, found):
+            self._faces(p, opts, dets)
+        return batch
+
+    def _decoded(self, source: Source) -> Prepared:
+        """A Prepared holding the decoded image, or the decoding error."""
+        prepared = Prepared(source[0] if isinstance(source, tuple) else str(source))
         t0 = time.perf_counter()
         try:
-            image = prepared.image = self.decode(source)
+            prepared.image = self.decode(source)
+        except CrfiqaError as exc:
+            prepared.error = exc
+        prepared.timings["decode"] = time.perf_counter() - t0
+        return prepared
+
+    def _faces(self, prepared: Prepared, opts: Options, found: list[Detection] | None = None) -> None:
+        """Detect (unless ``found`` holds this image's detections already), select, align and measure the
+        components of a decoded image, in place; a typed error stops it."""
+        image = prepared.image
+        assert image is not None
+        try:
             t1 = time.perf_counter()
-            prepared.timings["decode"] = t1 - t0
             if opts.aligned:
                 prepared.detections, prepared.crops = _as_aligned_face(image, opts.resize_aligned)
             else:
-                dets = self.detect(image.rgb, opts.detection)
+                dets = self.detect(image.rgb, opts.detection) if found is None else found
                 if opts.select:
                     dets = select_one(dets, image.width, image.height, opts.select)
                 t2 = time.perf_counter()
-                prepared.timings["detect"] = t2 - t1
+                if found is None:
+                    prepared.timings["detect"] = t2 - t1
                 prepared.detections = dets
                 if dets:
                     prepared.crops = np.stack([align_face(image.rgb, d.landmarks) for d in dets])
@@ -165,7 +218,6 @@ class Pipeline:
                 prepared.timings["components"] = time.perf_counter() - t3
         except CrfiqaError as exc:
             prepared.error = exc
-        return prepared
 
     # -- stage 2: the batch function ---------------------------------------------------------------------------
 
@@ -239,12 +291,17 @@ class Pipeline:
         with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="crfiqa-prepare") as pool, \
                 ThreadPoolExecutor(scorers, thread_name_prefix="crfiqa-score") as score_pool:
 
+            step = self.settings.batch_size if self.batch_detection and not opts.aligned else 1
+
             def fill() -> None:
                 while len(pending) < window:
-                    source = next(it, None)
-                    if source is None:
+                    chunk = list(islice(it, step))
+                    if not chunk:
                         return
-                    pending.append(pool.submit(self.prepare, source, opts))
+                    if step == 1:
+                        pending.append(pool.submit(self.prepare, chunk[0], opts))
+                    else:  # one batched detection per chunk, handed on image by image
+                        pending.extend(_each(pool.submit(self.prepare_many, chunk, opts), len(chunk)))
 
             fill()
             while pending or scoring:
@@ -279,6 +336,22 @@ class Pipeline:
             source = image
         self.load(detector=not (options and options.aligned))
         return self.score_prepared([self.prepare(source, options)])[0]
+
+
+def _each(whole: Future[list[Prepared]], n: int) -> list[Future[Prepared]]:
+    """One future per image of a ``prepare_many`` future, each done when the whole is."""
+    parts: list[Future[Prepared]] = [Future() for _ in range(n)]
+
+    def hand_on(done: Future[list[Prepared]]) -> None:
+        exc = done.exception()
+        for k, part in enumerate(parts):
+            if exc is not None:
+                part.set_exception(exc)
+            else:
+                part.set_result(done.result()[k])
+
+    whole.add_done_callback(hand_on)
+    return parts
 
 
 def _done(results: list[ImageResult]) -> Future[list[ImageResult]]:

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 #: The order "best available" means: CUDA when this ONNX Runtime build has it, else the CPU.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+#: Providers that run on a GPU (batching pays there; on a CPU, calls side by side already fill the cores).
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
 #: The default of every ``providers`` setting: empty = the best available, chosen silently.
 DEFAULT_PROVIDERS: tuple[str, ...] = ()
 

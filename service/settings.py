@@ -30,15 +30,21 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="largest decoded image, pixels")
     max_faces_per_image: int = Field(100, gt=0, le=1000, description="most faces kept per image, best first")
     max_batch_size: int = Field(32, gt=0, le=1024, description="most faces in one quality inference")
-    max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000, description="longest wait to fill a batch, ms")
+    # 0: a batch takes what is queued when a slot frees and never waits (on CPU batch 1 costs ~ batch 32 per
+    # face, so waiting only adds latency); a GPU gains from 2-5 ms (larger batches).
+    max_queue_delay_ms: float = Field(0.0, ge=0.0, le=10_000, description="longest wait to fill a batch, ms "
+                                      "(0 = what is already queued, no wait)")
     max_queue_size: int = Field(1024, gt=0, description="most faces waiting for inference before 503")
     worker_threads: int = Field(2, gt=0, le=256, description="threads for decoding, detection and alignment")
     concurrent_batches: int = Field(2, gt=0, le=64, description="quality batches run at once (each in its own "
                                     "inference thread): the next batch starts while the last is answered")
-    # 0: a request uses both cores (the batcher runs one batch at a time); idle ORT threads sleep (runtime.py).
-    # Measured on 2 idle cores: 1 client 47 % -> 56 % of the in-process rate, 4 clients 68 % -> 70 %.
-    # The CLI keeps one thread per call unless this is set (its Pipeline.run scores batches side by side).
-    inference_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime intra-op threads per session (0 = all cores)")
+    # Measured on 2 idle cores (docs/benchmarks.md, "Service"): 1 thread per session call and 2 batches at once
+    # give 89 % / 98 % of the in-process rate at 4 / 16 clients; all cores per call oversubscribe the
+    # concurrent batches and the worker threads (85 % / 84 %), one batch at a time leaves a core idle (75 %).
+    inference_threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session call "
+                                   "(0 = all cores: lowest latency for one request alone)")
+    batch_detection: bool | None = Field(None, description="detect a request's images in one network call per "
+                                         "input shape (unset: on a GPU provider only)")
     warmup_rounds: int = Field(2, ge=1, le=100_000, description="warm-up inferences per batch size before ready")
     api_keys: str = Field("", description="comma-separated API keys; empty (and no keys file) = no authentication")
     api_keys_file: Path | None = Field(None, description="file of API keys, one per line (# comments); re-read "
@@ -90,5 +96,5 @@ class Settings(BaseSettings):
             detector=self.detector, quality=self.quality_model, providers=self.provider_list,
             detection=DetectorSettings(input_size=self.det_size, score_threshold=self.det_threshold),
             max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, batch_size=self.max_batch_size,
-            models_dir=self.models_dir, intra_op_threads=self.inference_threads,
+            models_dir=self.models_dir, intra_op_threads=self.inference_threads, batch_detection=self.batch_detection,
         )

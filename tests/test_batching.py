@@ -99,3 +99,28 @@ def test_stall_clock_follows_the_oldest_running_batch() -> None:
     idle, running, done = asyncio.run(main())
     assert idle == 0.0 and done == 0.0
     assert running >= 0.35  # the first batch's age, not the second's
+
+
+def test_without_a_delay_what_is_already_queued_still_joins_the_batch() -> None:
+    release = threading.Event()
+
+    def fn(crops: np.ndarray) -> np.ndarray:
+        release.wait(5)
+        return _values(crops)
+
+    async def main() -> list[int]:
+        sizes: list[int] = []
+        with ThreadPoolExecutor(1) as pool:
+            b = DynamicBatcher(fn, pool, max_batch_size=32, max_queue_delay_s=0.0, max_queue_size=64,
+                               on_batch=sizes.append, concurrency=1)
+            b.start()
+            first = asyncio.ensure_future(b.submit(np.zeros((1, 2, 2, 3), np.uint8)))
+            await asyncio.sleep(0.1)  # the first batch (one face) is running; five more requests queue behind it
+            rest = [asyncio.ensure_future(b.submit(np.full((1, 2, 2, 3), k, np.uint8))) for k in range(5)]
+            await asyncio.sleep(0.1)
+            release.set()
+            await asyncio.gather(first, *rest)
+            await b.stop()
+            return sizes
+
+    assert asyncio.run(main()) == [1, 5]

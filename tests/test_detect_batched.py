@@ -82,3 +82,63 @@ def test_batch_of_mixed_shapes_is_refused(detectors) -> None:
 def test_rewrite_refuses_a_graph_that_is_not_scrfd(tmp_path) -> None:
     with pytest.raises(ModelError, match="SCRFD head"):
         batch_axis_model(onnx.load(str(build_channel_quality_model(tmp_path / "q.onnx"))))
+
+
+def test_pipeline_batch_detection_gives_the_per_image_results(make_pipeline, pipeline) -> None:
+    """The GPU path (forced on here): ``run`` detects a chunk of images per network call, one call per input
+    shape, and gives the per-image pipeline's faces and scores; a broken image stays a typed error."""
+    batched = make_pipeline(batch_detection=True)
+    assert batched.batch_detection and hasattr(batched.detector, "detect_many")
+    assert not pipeline.batch_detection  # on a CPU the default is one image per call
+    sources = [*lfw_dev_images(12), ("broken.jpg", b"not an image"), SAMPLES / "t1.jpg", *lfw_dev_images(40)[30:]]
+    got = list(batched.run(sources))
+    want = list(pipeline.run(sources))
+    assert len(got) == len(want) == len(sources)
+    for (g, _), (w, _) in zip(got, want):
+        assert g.source == w.source and (g.error is None) == (w.error is None)
+        assert len(g.faces) == len(w.faces)
+        for a, b in zip(g.faces, w.faces):
+            assert np.abs(a.detection.bbox - b.detection.bbox).max() <= 1e-2
+            assert abs(a.quality.raw - b.quality.raw) <= 1e-4
+    # One chunk (24 images < batch 32) went through one prepare_many: its detection time is shared equally.
+    shares = {gp.timings["detect"] for _, gp in got if "detect" in gp.timings}
+    assert len(shares) == 1 and len({p.timings["detect"] for _, p in want if "detect" in p.timings}) > 1
+    assert got[12][0].error.code == "unsupported_format"
+    assert len(got[13][0].faces) == 6  # t1.jpg: another input shape in the same chunk
+
+
+def test_pipeline_batch_detection_with_a_detector_that_cannot_batch(make_pipeline) -> None:
+    yunet = make_pipeline(detector="yunet_2023mar", batch_detection=True)
+    per_image = make_pipeline(detector="yunet_2023mar", batch_detection=False)
+    sources = lfw_dev_images(6)
+    got = [r for r, _ in yunet.run(sources)]
+    want = [r for r, _ in per_image.run(sources)]
+    assert [len(r.faces) for r in got] == [len(r.faces) for r in want] and all(r.faces for r in got)
+
+
+def test_service_batch_detection_answers_as_the_pipeline(tmp_path, pipeline) -> None:
+    """CRFIQA_BATCH_DETECTION=true (the GPU path, forced on a CPU): a request's images are detected together;
+    the answers equal the per-image pipeline's, and a broken image keeps its typed error and its place."""
+    import httpx
+
+    from tests.server import Server
+
+    images = [*lfw_dev_images(3), SAMPLES / "t1.jpg"]
+    srv = Server(env={"CRFIQA_BATCH_DETECTION": "true", "CRFIQA_WARMUP_ROUNDS": "1"}, log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+        files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in images[:2]]
+        files += [("images", ("broken.jpg", b"not an image", "image/jpeg"))]
+        files += [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in images[2:]]
+        r = httpx.post(srv.url + "/v1/quality", files=files, timeout=60)
+    finally:
+        srv.stop()
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == ["ok", "ok", "error", "ok", "ok"]
+    assert results[2]["error"]["code"] == "unsupported_format"
+    want = [res for res, _ in pipeline.run(images)]
+    for got, exp in zip([x for x in results if x["status"] == "ok"], want):
+        assert len(got["faces"]) == len(exp.faces)
+        for a, b in zip(got["faces"], exp.faces):
+            assert a["quality"]["raw"] == pytest.approx(b.quality.raw, abs=1e-4)

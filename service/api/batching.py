@@ -105,6 +105,16 @@ class DynamicBatcher:
         self._queue.put_nowait(_Item(crops, future))
         return await future
 
+    def _ready(self) -> _Item | None:
+        """The held-over item, else a queued one, without waiting (None when there is none)."""
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     async def _next(self, timeout: float | None) -> _Item:
         """The held-over item if any, else the next queued one (waiting at most ``timeout``)."""
         if self._carry is not None:
@@ -129,10 +139,17 @@ class DynamicBatcher:
             items, size = [first], len(first.crops)
             deadline = loop.time() + self.max_delay
             while size < self.max_batch_size:
-                try:
-                    item = await self._next(max(0.0, deadline - loop.time()))
-                except TimeoutError:
-                    break
+                # What is already queued joins at once; only then wait, at most until the deadline
+                # (``wait_for`` with no time left times out even when an item is ready).
+                item = self._ready()
+                if item is None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        item = await self._next(left)
+                    except TimeoutError:
+                        break
                 if size + len(item.crops) > self.max_batch_size:
                     self._carry = item  # keep it for the next batch rather than overfill this one
                     break

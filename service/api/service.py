@@ -164,14 +164,34 @@ class Service:
             return Prepared(upload.id, error=exc)
         return self.pipeline.prepare((upload.id, data), opts)
 
+    def prepare_many(self, uploads: list[Upload], opts: PipelineOptions) -> list[Prepared]:
+        """The pipeline's prepare_many over a request's images (the GPU path: one detector network call per
+        input shape); an upload that fails to decode keeps its typed error and its place."""
+        prepared: list[Prepared | None] = []
+        sources = []
+        for upload in uploads:
+            try:
+                if upload.error is not None:
+                    raise upload.error
+                sources.append((upload.id, decode_data(upload.data)))
+                prepared.append(None)
+            except CrfiqaError as exc:
+                prepared.append(Prepared(upload.id, error=exc))
+        done = iter(self.pipeline.prepare_many(sources, opts))
+        return [p if p is not None else next(done) for p in prepared]
+
     async def score(self, uploads: list[Upload], opts: Options) -> Scored:
-        """Prepare images in parallel worker threads, score all their faces in one batcher submission,
-        finish each; a failed batch fails the images that had faces in it (typed, per image)."""
+        """Prepare images in parallel worker threads (on a GPU: a request's images in one batched detection),
+        score all their faces in one batcher submission, finish each; a failed batch fails the images that had
+        faces in it (typed, per image)."""
         loop = asyncio.get_running_loop()
         popts = self.options(opts)
         t0 = time.perf_counter()
-        prepared = await asyncio.gather(*(loop.run_in_executor(self.workers, self.prepare, u, popts)
-                                          for u in uploads))
+        if self.pipeline.batch_detection and len(uploads) > 1 and not popts.aligned:
+            prepared = await loop.run_in_executor(self.workers, self.prepare_many, uploads, popts)
+        else:
+            prepared = await asyncio.gather(*(loop.run_in_executor(self.workers, self.prepare, u, popts)
+                                              for u in uploads))
         t1 = time.perf_counter()
         crops = self.pipeline.batch_crops(prepared)
         if len(crops) > self.settings.max_queue_size:

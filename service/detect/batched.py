@@ -101,6 +101,24 @@ class BatchedSCRFD(SCRFD):
         if len(shapes) != 1:
             raise ValueError(f"a batch needs one network input shape, got {sorted(shapes)}: group images by size "
                              "or set a fixed input_size")
+        return self._run_batch(images, prepared, s)
+
+    def detect_many(self, images: Sequence[np.ndarray], settings: DetectorSettings | None = None
+                    ) -> list[list[Detection]]:
+        """Faces of each RGB image of any sizes: one network run per distinct network input shape."""
+        s = settings or self.settings
+        prepared = [self._blob(rgb, s) for rgb in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (blob, *_) in enumerate(prepared):
+            groups.setdefault((blob.shape[2], blob.shape[3]), []).append(i)
+        out: list[list[Detection]] = [[] for _ in images]
+        for idx in groups.values():
+            for i, faces in zip(idx, self._run_batch([images[i] for i in idx], [prepared[i] for i in idx], s)):
+                out[i] = faces
+        return out
+
+    def _run_batch(self, images: Sequence[np.ndarray], prepared: list, s: DetectorSettings) -> list[list[Detection]]:
+        """One network run over blobs of one shape, then each image finished by the per-image code."""
         outs = self.batch_session.run(self.batch_output_names,
                                       {self.input_name: np.concatenate([b for b, *_ in prepared])})
         results = []

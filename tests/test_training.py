@@ -494,6 +494,13 @@ def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path
     assert shards[0].stat().st_mtime_ns == kept and shards[1].exists()
     assert torch.allclose(load_checkpoint(run / "latest.pt")["backbone"]["qs.linear.weight"], weight, atol=1e-6)
 
+    # Features made with other settings are refused, not silently reused.
+    (tmp_path / "other").mkdir()
+    other = _config(tmp_path / "other", init_backbone=str(MBF), mode="closed_form", quality_head="feature_stats",
+                    taps=["509"], augment=["flip", "always_degrade"], augment_copies=1, batch_size=16)
+    with pytest.raises(ValueError, match="other taps"):
+        train_main(["--config", str(other), "--out", str(run)])
+
     # Exported, the graph gives the torch model's quality on real faces.
     out = export_checkpoint(str(run / "latest.pt"), str(tmp_path / "q.onnx"))
     assert out["parity"] <= 1e-4

@@ -67,11 +67,31 @@ def copy_features(model: torch.nn.Module, dataset, copy: int, out: Path, batch_s
     return torch.cat(embs), torch.cat(feats)
 
 
+#: The settings that decide what a feature shard holds (augment_copies only decides how many copies there are).
+SHARD_KEYS = ("data", "init_backbone", "backbone", "quality_head", "taps", "augment", "max_per_identity", "seed")
+
+
+def check_shards(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to reuse feature shards written with other settings (they would be silently stale)."""
+    key = {k: getattr(cfg, k) for k in SHARD_KEYS}
+    path = out / "features" / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in key if old.get(k) != key[k])
+        if changed:
+            raise ValueError(f"{path.parent} holds features made with other {', '.join(changed)}: "
+                             "delete it or choose another --out")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(key, indent=1))
+
+
 def fit_closed_form(cfg: TrainConfig, model: torch.nn.Module) -> dict:
     """Extract (or reload) the features of every copy, fit ``qs`` by ridge, save ``latest.pt``; the fit's
     numbers (also in ``fit.json``)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_shards(cfg, out)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dataset = open_dataset(cfg.data, augment=[], max_per_identity=cfg.max_per_identity, seed=cfg.seed)
     labels = torch.tensor([label for _, label in dataset.samples])

@@ -21,9 +21,8 @@ from crfiqa.evaluation import evaluate as ev
 from crfiqa.evaluation import protocols, sources
 from crfiqa.service.pipeline import Pipeline, PipelineSettings
 from crfiqa.service.preprocess import to_blob
-from crfiqa.training.closed_form import head_inputs
+from crfiqa.training.closed_form import head_inputs, training_set
 from crfiqa.training.config import TrainConfig
-from crfiqa.training.data import open_dataset
 from crfiqa.training.heads import ridge_fit
 from crfiqa.training.losses import LeaveOneOutCentres, certainty_target
 from crfiqa.training.train import build_model, load_checkpoint
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         "shipped: all maps + degraded copies": (every, None),
     }
     copies = load_copies(args.run, 1 + cfg.augment_copies)
-    labels = torch.tensor([label for _, label in open_dataset(cfg.data, augment=[]).samples])
+    labels = torch.tensor([label for _, label in training_set(cfg).samples])
     loo = LeaveOneOutCentres(copies[0]["embedding"], labels, int(labels.max()) + 1)
     index = torch.arange(len(labels))
     targets = [certainty_target(loo.cosines(c["embedding"], index, labels), labels, cfg.cr_target)[0] for c in copies]

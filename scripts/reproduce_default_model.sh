@@ -30,9 +30,11 @@ fi
 # 3. Fit (mode closed_form: resumes from runs/crfiqa_mbf_v2/features), export optimised, calibrate on the anchors.
 init=models/fr/insightface_w600k_mbf.onnx
 [ -f runs/crfiqa_mbf_v2/fit.json ] || $crfiqa train --config crfiqa_mbf_v2 --data runs/train_v2 --init-backbone $init
-if [ ! -f runs/export/crfiqa_mbf_v2.onnx ]; then
-  $crfiqa export runs/crfiqa_mbf_v2/latest.pt --out runs/export/crfiqa_mbf_v2.onnx --name crfiqa_mbf --reference runs/train_v2
-  $py scripts/calibrate_default_model.py runs/export/crfiqa_mbf_v2.onnx --reference runs/train_v2
+if [ ! -f runs/export/crfiqa_mbf_v2.onnx ]; then  # exported and calibrated aside, then moved: a failed step leaves nothing
+  rm -rf runs/export/tmp && mkdir -p runs/export/tmp
+  $crfiqa export runs/crfiqa_mbf_v2/latest.pt --out runs/export/tmp/crfiqa_mbf_v2.onnx --name crfiqa_mbf --reference runs/train_v2
+  $py scripts/calibrate_default_model.py runs/export/tmp/crfiqa_mbf_v2.onnx --reference runs/train_v2
+  mv runs/export/tmp/crfiqa_mbf_v2.toml runs/export/ && mv runs/export/tmp/crfiqa_mbf_v2.onnx runs/export/
 fi
 quality=(--quality crfiqa_mbf_v2=model:runs/export/crfiqa_mbf_v2.onnx)
 if [ "${ABLATIONS:-0}" = 1 ]; then
@@ -62,5 +64,8 @@ for rec in sface_2021dec w600k_mbf; do
 done
 
 # 6. Ablations of the recipe, refitted from the run's feature shards (no second pass over the faces).
-[ -f runs/eval/ablations.md ] || $py scripts/ablate_closed_form.py runs/crfiqa_mbf_v2 --bootstrap "$bootstrap" \
-  --set ofiq=runs/lfw_dev_ofiq --set celeba=runs/celeba_split/dev --set in_family=runs/lfw_dev_xq > runs/eval/ablations.md
+if [ ! -f runs/eval/ablations.md ]; then
+  $py scripts/ablate_closed_form.py runs/crfiqa_mbf_v2 --bootstrap "$bootstrap" \
+    --set ofiq=runs/lfw_dev_ofiq --set celeba=runs/celeba_split/dev --set in_family=runs/lfw_dev_xq > runs/eval/ablations.tmp
+  mv runs/eval/ablations.tmp runs/eval/ablations.md
+fi

@@ -165,8 +165,8 @@ class Pipeline:
         batch = [self._decoded(s) for s in sources]
         ready = [p for p in batch if p.image is not None]
         found: list[list[Detection] | None] = [None] * len(ready)
-        detect_many = getattr(self.detector, "detect_many", None)
-        if ready and detect_many is not None and not opts.aligned:
+        detect_many = getattr(self.detector, "detect_many", None) if ready and not opts.aligned else None
+        if detect_many is not None:
             t = time.perf_counter()
             try:
                 found = list(detect_many([p.image.rgb for p in ready if p.image is not None], opts.detection))
@@ -176,7 +176,7 @@ class Pipeline:
                 share = (time.perf_counter() - t) / len(ready)
                 for p in ready:
                     p.timings["detect"] = share
-        for p, dets in zip(ready, found):
+        for p, dets in zip(ready, found, strict=True):
             self._faces(p, opts, dets)
         return batch
 
@@ -343,6 +343,10 @@ def _each(whole: Future[list[Prepared]], n: int) -> list[Future[Prepared]]:
     parts: list[Future[Prepared]] = [Future() for _ in range(n)]
 
     def hand_on(done: Future[list[Prepared]]) -> None:
+        if done.cancelled():
+            for part in parts:
+                part.cancel()
+            return
         exc = done.exception()
         for k, part in enumerate(parts):
             if exc is not None:

@@ -124,15 +124,19 @@ def test_service_batch_detection_answers_as_the_pipeline(tmp_path, pipeline) -> 
     from tests.server import Server
 
     images = [*lfw_dev_images(3), SAMPLES / "t1.jpg"]
-    srv = Server(env={"CRFIQA_BATCH_DETECTION": "true", "CRFIQA_WARMUP_ROUNDS": "1"}, log=tmp_path / "log")
+    srv = Server(env={"CRFIQA_BATCH_DETECTION": "true", "CRFIQA_WARMUP_ROUNDS": "1", "CRFIQA_LOG_LEVEL": "debug"},
+                 log=tmp_path / "log")
     try:
         srv.wait_ready()
         files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in images[:2]]
         files += [("images", ("broken.jpg", b"not an image", "image/jpeg"))]
         files += [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in images[2:]]
         r = httpx.post(srv.url + "/v1/quality", files=files, timeout=60)
+        log = srv.log()
     finally:
         srv.stop()
+    # The request's five images went through one prepare_many (the broken one failed there, in its place).
+    assert any('"batched detection"' in line and '"images": 5' in line for line in log.splitlines()), log[-2000:]
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["status"] for x in results] == ["ok", "ok", "error", "ok", "ok"]

@@ -457,6 +457,7 @@ def test_feature_stats_head_sees_the_norm_and_channel_statistics() -> None:
 
 @pytest.mark.slow
 def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path) -> None:
+    from crfiqa.training.closed_form import training_set
     from crfiqa.training.config import TrainConfig
     from crfiqa.training.export import export_checkpoint
     from crfiqa.training.losses import LeaveOneOutCentres
@@ -475,7 +476,7 @@ def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path
 
     # The fit is the ridge regression of the leave-one-out CR of both copies on the saved features.
     parts = [torch.load(p, weights_only=True) for p in shards]
-    labels = torch.tensor([label for _, label in open_dataset(str(REC), augment=[]).samples])
+    labels = torch.tensor([label for _, label in training_set(TrainConfig(**ckpt["config"])).samples])
     loo = LeaveOneOutCentres(parts[0]["embedding"], labels, int(labels.max()) + 1)
     index = torch.arange(len(labels))
     y = torch.cat([certainty_target(loo.cosines(p["embedding"], index, labels), labels)[0] for p in parts]).double().numpy()
@@ -500,6 +501,11 @@ def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path
                     taps=["509"], augment=["flip", "always_degrade"], augment_copies=1, batch_size=16)
     with pytest.raises(ValueError, match="other taps"):
         train_main(["--config", str(other), "--out", str(run)])
+    fewer = _config(tmp_path / "other", init_backbone=str(MBF), mode="closed_form", quality_head="feature_stats",
+                    taps=["397", "509"], augment=["flip", "always_degrade"], augment_copies=1, ridge_alpha=0.01,
+                    batch_size=16, max_per_identity=2)  # other faces, same settings otherwise
+    with pytest.raises(ValueError, match=r"other .*faces"):
+        train_main(["--config", str(fewer), "--out", str(run)])
 
     # Exported, the graph gives the torch model's quality on real faces.
     out = export_checkpoint(str(run / "latest.pt"), str(tmp_path / "q.onnx"))

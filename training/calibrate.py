@@ -37,8 +37,10 @@ def fit_anchor_calibration(good: np.ndarray, bad: list[np.ndarray], good_target:
     bad = [np.asarray(b, np.float64) for b in bad]
     if not bad or np.median(good) <= max(np.median(b) for b in bad):
         raise ValueError("the good anchor faces must score above the bad ones")
-    lo_c = min(float(b.min()) for b in [*bad, good]) - 1.0
-    hi_c = max(float(b.max()) for b in [*bad, good]) + 1.0
+    if not bad_target < 50.0 < good_target:  # the centre searches below bracket only targets either side of 50
+        raise ValueError(f"targets must lie either side of 50 (good {good_target}, bad {bad_target})")
+    every = np.concatenate([good, *bad])
+    lo_c, hi_c = float(every.min()) - 1.0, float(every.max()) + 1.0
 
     def mean_score(raw: np.ndarray, c: float, s: float) -> float:
         return float(calibrate(raw, Calibration(c, s)).mean())
@@ -56,7 +58,8 @@ def fit_anchor_calibration(good: np.ndarray, bad: list[np.ndarray], good_target:
         worst = lambda c, s: max(mean_score(b, c, s) for b in bad)  # noqa: E731
         return centre_where(worst, bad_target, s), centre_where(lambda c, s: mean_score(good, c, s), good_target, s)
 
-    lo_s, hi_s = 1e-6 * (np.ptp(good) + 1e-6), 10.0 * (np.ptp(good) + 1e-6)
+    spread = float(np.ptp(every)) + 1e-6
+    lo_s, hi_s = 1e-6 * spread, 10.0 * spread
     c_bad, c_good = window(lo_s)
     if c_bad > c_good:
         raise ValueError(f"no logistic puts the good anchors above {good_target} and the bad ones below {bad_target}")

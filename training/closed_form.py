@@ -11,6 +11,7 @@ interrupted run resumes at the first missing shard.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -47,8 +48,11 @@ def copy_features(model: torch.nn.Module, dataset, copy: int, out: Path, batch_s
     embs, feats = [], []
     for start in range(0, n, SHARD):
         path = out / "features" / f"copy{copy:02d}_{start // SHARD:05d}.pt"
+        rows = min(n, start + SHARD) - start
         if path.exists():
             shard = torch.load(path, map_location="cpu", weights_only=True)
+            if len(shard["embedding"]) != rows:
+                raise ValueError(f"{path}: {len(shard['embedding'])} rows, expected {rows}: delete the shard")
         else:
             subset = torch.utils.data.Subset(dataset, range(start, min(n, start + SHARD)))
             e, f = [], []
@@ -71,9 +75,22 @@ def copy_features(model: torch.nn.Module, dataset, copy: int, out: Path, batch_s
 SHARD_KEYS = ("data", "init_backbone", "backbone", "quality_head", "taps", "augment", "max_per_identity", "seed")
 
 
-def check_shards(cfg: TrainConfig, out: Path) -> None:
-    """Refuse to reuse feature shards written with other settings (they would be silently stale)."""
-    key = {k: getattr(cfg, k) for k in SHARD_KEYS}
+def training_set(cfg: TrainConfig):
+    """The fit's dataset (no augmentation; the copies set their own), in the order of its shards' rows."""
+    return open_dataset(cfg.data, augment=[], max_per_identity=cfg.max_per_identity, seed=cfg.seed)
+
+
+def samples_digest(dataset) -> str:
+    """sha256 of the dataset's (sample, label) list: shards are only valid for exactly these faces."""
+    def name(key: object) -> str:  # a file path, or (RecordIO, record index)
+        return f"{key[0].rec}#{key[1]}" if isinstance(key, tuple) else str(key)
+
+    return hashlib.sha256(repr([(name(k), label) for k, label in dataset.samples]).encode()).hexdigest()
+
+
+def check_shards(cfg: TrainConfig, out: Path, dataset) -> None:
+    """Refuse to reuse feature shards written with other settings or other faces (they would be stale)."""
+    key = {**{k: getattr(cfg, k) for k in SHARD_KEYS}, "faces": len(dataset), "samples": samples_digest(dataset)}
     path = out / "features" / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -91,9 +108,9 @@ def fit_closed_form(cfg: TrainConfig, model: torch.nn.Module) -> dict:
     numbers (also in ``fit.json``)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_shards(cfg, out)
+    dataset = training_set(cfg)
+    check_shards(cfg, out, dataset)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    dataset = open_dataset(cfg.data, augment=[], max_per_identity=cfg.max_per_identity, seed=cfg.seed)
     labels = torch.tensor([label for _, label in dataset.samples])
     model.eval().requires_grad_(False)
     embs, feats = [], []

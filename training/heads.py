@@ -93,7 +93,10 @@ def ridge_fit(lin: nn.Linear, features: torch.Tensor, targets: torch.Tensor, alp
     intercept free, folded back into the raw-feature weights); returns the fit's RMSE."""
     x = features.double()
     y = targets.double()
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
+    mu, sd = x.mean(0), x.std(0)
+    # A (nearly) constant column carries no signal: infinite scale gives it weight 0 instead of a huge raw
+    # weight that the bias must cancel.
+    sd = torch.where(sd > 1e-6 * sd.max().clamp_min(1e-12), sd, torch.full_like(sd, torch.inf))
     z = (x - mu) / sd
     gram = z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype)
     w = torch.linalg.solve(gram, z.T @ (y - y.mean()))

@@ -51,7 +51,8 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._slots: asyncio.Semaphore | None = None  # one per batch that may run at once
         self._batches: set[asyncio.Task] = set()  # running batches (held so they are not collected)
-        self._started: dict[int, float] = {}  # running batch -> time.monotonic() when it started
+        self._started: dict[int, float] = {}  # running batch -> time.monotonic() when its thread started it
+        self._forming: list[_Item] = []  # the batch the collector is filling (failed by restart if it dies)
 
     @property
     def alive(self) -> bool:
@@ -72,7 +73,8 @@ class DynamicBatcher:
         """Start a new collector after the old one ended unexpectedly; the requests it held fail (typed).
         Batches still running answer their own requests and free their own slots."""
         error = InferenceError("the inference worker stopped and was restarted; retry the request")
-        items = [self._carry] if self._carry is not None else []
+        items = [*self._forming, *([self._carry] if self._carry is not None else [])]
+        self._forming = []
         while not self._queue.empty():
             items.append(self._queue.get_nowait())
         for it in items:
@@ -137,6 +139,7 @@ class DynamicBatcher:
                 self._slots.release()
                 raise
             items, size = [first], len(first.crops)
+            self._forming = items
             deadline = loop.time() + self.max_delay
             while size < self.max_batch_size:
                 # What is already queued joins at once; only then wait, at most until the deadline
@@ -155,6 +158,7 @@ class DynamicBatcher:
                     break
                 items.append(item)
                 size += len(item.crops)
+            self._forming = []
             task = loop.create_task(self._run(items, size, self._slots))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
@@ -168,11 +172,7 @@ class DynamicBatcher:
             if live:
                 batch = np.concatenate([it.crops for it in live])
                 self.on_batch(len(batch))
-                self._started[key] = time.monotonic()
-                try:
-                    values = await loop.run_in_executor(self.executor, self._chunked, batch)
-                finally:
-                    self._started.pop(key, None)
+                values = await loop.run_in_executor(self.executor, self._chunked, batch, key)
                 offset = 0
                 for it in live:
                     n = len(it.crops)
@@ -188,7 +188,13 @@ class DynamicBatcher:
             self.on_depth(self.pending)
             slots.release()
 
-    def _chunked(self, batch: np.ndarray) -> np.ndarray:
-        """Call ``fn`` in chunks of ``max_batch_size`` (one oversized request can exceed it)."""
-        step = self.max_batch_size
-        return np.concatenate([self.fn(batch[i:i + step]) for i in range(0, len(batch), step)])
+    def _chunked(self, batch: np.ndarray, key: int) -> np.ndarray:
+        """Call ``fn`` in chunks of ``max_batch_size`` (one oversized request can exceed it). Runs in an
+        executor thread, which starts and stops the batch's stall clock: time spent waiting for a free
+        thread is not a stall."""
+        self._started[key] = time.monotonic()
+        try:
+            step = self.max_batch_size
+            return np.concatenate([self.fn(batch[i:i + step]) for i in range(0, len(batch), step)])
+        finally:
+            self._started.pop(key, None)

@@ -178,6 +178,7 @@ class Service:
             except CrfiqaError as exc:
                 prepared.append(Prepared(upload.id, error=exc))
         done = iter(self.pipeline.prepare_many(sources, opts))
+        log.debug("batched detection", extra={"images": len(sources)})
         return [p if p is not None else next(done) for p in prepared]
 
     async def score(self, uploads: list[Upload], opts: Options) -> Scored:

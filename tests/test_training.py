@@ -422,6 +422,17 @@ def test_anchor_calibration_meets_its_targets() -> None:
     assert max(calibrate(low, cal).mean(), calibrate(blurred, cal).mean()) == pytest.approx(12, abs=0.05)
     with pytest.raises(ValueError, match="above"):
         fit_anchor_calibration(low, [good])
+    # The widest such logistic: 5 % wider, no centre meets both targets any more.
+    from crfiqa.service.registry import Calibration
+
+    wider = cal.scale * 1.05
+    both = [c for c in np.linspace(0.3, 0.8, 2001)
+            if calibrate(good, Calibration(c, wider)).mean() >= 80 - 1e-6
+            and max(calibrate(low, Calibration(c, wider)).mean(), calibrate(blurred, Calibration(c, wider)).mean()) <= 12 + 1e-6]
+    assert not both
+    overlapping = rng.normal(0.61, 0.03, 400)  # the bad set almost as good as the good one: no logistic separates them
+    with pytest.raises(ValueError, match="no logistic"):
+        fit_anchor_calibration(good, [overlapping], good_target=80, bad_target=12)
     crops = _fixture_crops_rgb()
     sets = anchor_sets(crops)
     assert set(sets) == {"good", "eye10px", "blur3"} and all(v.shape == crops.shape for v in sets.values())

@@ -21,10 +21,9 @@ from crfiqa.evaluation import evaluate as ev
 from crfiqa.evaluation import protocols, sources
 from crfiqa.service.pipeline import Pipeline, PipelineSettings
 from crfiqa.service.preprocess import to_blob
-from crfiqa.training.closed_form import head_inputs, training_set
+from crfiqa.training.closed_form import all_copies, cr_targets, head_inputs
 from crfiqa.training.config import TrainConfig
 from crfiqa.training.heads import ridge_fit
-from crfiqa.training.losses import LeaveOneOutCentres, certainty_target
 from crfiqa.training.train import build_model, load_checkpoint
 
 
@@ -36,15 +35,6 @@ def column_groups(embedding_size: int, channels: list[int], taps: list[str]) -> 
         groups[tap] = np.arange(start, start + 2 * c)
         start += 2 * c
     return groups
-
-
-def load_copies(run: Path, copies: int) -> list[dict[str, torch.Tensor]]:
-    """Embeddings and features of each copy, from the run's shards."""
-    out = []
-    for k in range(copies):
-        parts = [torch.load(p, weights_only=True) for p in sorted((run / "features").glob(f"copy{k:02d}_*.pt"))]
-        out.append({key: torch.cat([p[key] for p in parts]) for key in ("embedding", "features")})
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,17 +62,15 @@ def main(argv: list[str] | None = None) -> None:
         "all maps, without the unit embedding": (every[model.embedding_size:], None),
         "shipped: all maps + degraded copies": (every, None),
     }
-    copies = load_copies(args.run, 1 + cfg.augment_copies)
-    labels = torch.tensor([label for _, label in training_set(cfg).samples])
-    loo = LeaveOneOutCentres(copies[0]["embedding"], labels, int(labels.max()) + 1)
-    index = torch.arange(len(labels))
-    targets = [certainty_target(loo.cosines(c["embedding"], index, labels), labels, cfg.cr_target)[0] for c in copies]
+    dataset, embs, feats = all_copies(cfg, model, args.run)  # the run's shards
+    labels = torch.tensor([label for _, label in dataset.samples])
+    targets = cr_targets(embs, labels, dataset.num_classes, cfg.cr_target)
     fits = {}
     for name, (cols, n) in variants.items():
-        use = copies[:n] if n else copies
+        use = n or len(feats)
         lin = torch.nn.Linear(len(cols), 1)
-        ridge_fit(lin, torch.cat([c["features"][:, cols] for c in use]), torch.cat(targets[:len(use)]),
-                  alpha=cfg.ridge_alpha * len(use) * len(labels))
+        ridge_fit(lin, torch.cat([f[:, cols] for f in feats[:use]]), torch.cat(targets[:use]),
+                  alpha=cfg.ridge_alpha * use * len(labels))
         fits[name] = (cols, lin)
 
     pipe = Pipeline(PipelineSettings())

@@ -103,15 +103,11 @@ def check_shards(cfg: TrainConfig, out: Path, dataset) -> None:
         path.write_text(json.dumps(key, indent=1))
 
 
-def fit_closed_form(cfg: TrainConfig, model: torch.nn.Module) -> dict:
-    """Extract (or reload) the features of every copy, fit ``qs`` by ridge, save ``latest.pt``; the fit's
-    numbers (also in ``fit.json``)."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def all_copies(cfg: TrainConfig, model: torch.nn.Module, out: Path) -> tuple[object, list[torch.Tensor], list[torch.Tensor]]:
+    """(the training set, embeddings per copy, head features per copy): extracted, or reloaded from
+    ``out``'s shards when they were made with these settings and faces."""
     dataset = training_set(cfg)
     check_shards(cfg, out, dataset)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    labels = torch.tensor([label for _, label in dataset.samples])
     model.eval().requires_grad_(False)
     embs, feats = [], []
     copies = 1 + cfg.augment_copies
@@ -122,9 +118,25 @@ def fit_closed_form(cfg: TrainConfig, model: torch.nn.Module) -> dict:
             e, f = copy_features(model, dataset, copy, out, cfg.batch_size, cfg.workers, bar)
             embs.append(e)
             feats.append(f)
-    loo = LeaveOneOutCentres(embs[0], labels, dataset.num_classes)
+    return dataset, embs, feats
+
+
+def cr_targets(embs: list[torch.Tensor], labels: torch.Tensor, num_classes: int, mode: str) -> list[torch.Tensor]:
+    """CR of every face of every copy, from leave-one-out centres of the clean copy (``embs[0]``)."""
+    loo = LeaveOneOutCentres(embs[0], labels, num_classes)
     index = torch.arange(len(labels))
-    targets = torch.cat([certainty_target(loo.cosines(e, index, labels), labels, cfg.cr_target)[0] for e in embs])
+    return [certainty_target(loo.cosines(e, index, labels), labels, mode)[0] for e in embs]
+
+
+def fit_closed_form(cfg: TrainConfig, model: torch.nn.Module) -> dict:
+    """Extract (or reload) the features of every copy, fit ``qs`` by ridge, save ``latest.pt``; the fit's
+    numbers (also in ``fit.json``)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset, embs, feats = all_copies(cfg, model, out)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    labels = torch.tensor([label for _, label in dataset.samples])
+    targets = torch.cat(cr_targets(embs, labels, dataset.num_classes, cfg.cr_target))
     x = torch.cat(feats)
     rmse = ridge_fit(head_linear(model.qs), x, targets, alpha=cfg.ridge_alpha * len(x))
     report = {"faces": len(labels), "identities": dataset.num_classes, "rows": len(x), "features": x.shape[1],

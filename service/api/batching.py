@@ -118,9 +118,9 @@ class DynamicBatcher:
             return None
 
     async def _next(self, timeout: float | None) -> _Item:
-        """The held-over item if any, else the next queued one (waiting at most ``timeout``)."""
-        if self._carry is not None:
-            item, self._carry = self._carry, None
+        """The held-over or a queued item if any, else the next one to arrive (waiting at most ``timeout``)."""
+        item = self._ready()
+        if item is not None:
             return item
         if timeout is None:
             return await self._queue.get()

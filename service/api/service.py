@@ -154,32 +154,29 @@ class Service:
                                                score_threshold=opts.det_threshold)
         return PipelineOptions(select=opts.select, detection=det, components=opts.components)
 
-    def prepare(self, upload: Upload, opts: PipelineOptions) -> Prepared:
-        """The pipeline's prepare stage for one uploaded image (base64 decoded first); never raises."""
+    @staticmethod
+    def _source(upload: Upload) -> tuple[str, bytes] | Prepared:
+        """The pipeline source of an upload (base64 decoded), or a Prepared holding why there is none."""
         if upload.error is not None:
             return Prepared(upload.id, error=upload.error)
         try:
-            data = decode_data(upload.data)
+            return upload.id, decode_data(upload.data)
         except CrfiqaError as exc:
             return Prepared(upload.id, error=exc)
-        return self.pipeline.prepare((upload.id, data), opts)
+
+    def prepare(self, upload: Upload, opts: PipelineOptions) -> Prepared:
+        """The pipeline's prepare stage for one uploaded image (base64 decoded first); never raises."""
+        source = self._source(upload)
+        return source if isinstance(source, Prepared) else self.pipeline.prepare(source, opts)
 
     def prepare_many(self, uploads: list[Upload], opts: PipelineOptions) -> list[Prepared]:
         """The pipeline's prepare_many over a request's images (the GPU path: one detector network call per
         input shape); an upload that fails to decode keeps its typed error and its place."""
-        prepared: list[Prepared | None] = []
-        sources = []
-        for upload in uploads:
-            try:
-                if upload.error is not None:
-                    raise upload.error
-                sources.append((upload.id, decode_data(upload.data)))
-                prepared.append(None)
-            except CrfiqaError as exc:
-                prepared.append(Prepared(upload.id, error=exc))
+        given = [self._source(u) for u in uploads]
+        sources = [s for s in given if not isinstance(s, Prepared)]
         done = iter(self.pipeline.prepare_many(sources, opts))
         log.debug("batched detection", extra={"images": len(sources)})
-        return [p if p is not None else next(done) for p in prepared]
+        return [s if isinstance(s, Prepared) else next(done) for s in given]
 
     async def score(self, uploads: list[Upload], opts: Options) -> Scored:
         """Prepare images in parallel worker threads (on a GPU: a request's images in one batched detection),

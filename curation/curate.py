@@ -116,8 +116,8 @@ def curate(cfg: CurateConfig) -> CurateSummary:
     options = replace(cfg.options, components=cfg.components)
     source = open_source(cfg.src)
     n_shards = math.ceil(len(source) / cfg.shard_size)
-    config = {"settings": asdict(cfg.settings) | {"intra_op_threads": None, "decode_workers": None,
-                                                   "batch_size": None, "providers": None},
+    config = {"settings": asdict(cfg.settings) | {"intra_op_threads": None, "solo_threads": None,
+                                                   "decode_workers": None, "batch_size": None, "providers": None},
               "options": asdict(options), "source": source.location}
     outputs.check_manifest(cfg.dst, {"source": source.location, "kind": source.kind, "items": len(source),
                                      "shard_size": cfg.shard_size, "shards": n_shards,

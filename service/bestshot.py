@@ -84,7 +84,8 @@ def create_embedder(pipe: Pipeline, name: str = DEFAULT_EMBEDDER) -> tuple[Recog
                               "model (--embedder w600k_mbf)", code="no_embedding")
     else:
         path, entry = resolve(name, "recognition", pipe.manifest, s.models_dir)
-    return RecognitionModel(path, entry, s.providers, s.intra_op_threads, s.batch_size), entry.name
+    return RecognitionModel(path, entry, s.providers, s.intra_op_threads, s.batch_size,
+                            solo_threads=s.solo_threads), entry.name
 
 
 def expand(paths: Iterable[str | Path], every: int = 1) -> Iterator[tuple[str, int | None, Source | CrfiqaError]]:

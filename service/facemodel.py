@@ -23,11 +23,11 @@ class FaceModel:
     """An ONNX model over aligned faces; runs batches of any size even when the graph's batch is fixed."""
 
     def __init__(self, path: Path, entry: ModelEntry, providers: Sequence[str], intra_op_threads: int = 0,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, *, solo_threads: int = 0) -> None:
         self.entry = entry
         self.max_batch = max_batch  # larger inputs run in chunks: memory stays bounded
         self.path = path
-        self.session = create_session(path, providers, intra_op_threads)
+        self.session = create_session(path, providers, intra_op_threads, solo_threads)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         # A graph with a fixed batch dimension (SFace: 1) is fed one chunk of that size at a time.
@@ -60,8 +60,8 @@ class QualityModel(FaceModel):
     """A quality model: output ``quality`` [N,1] (CR-FIQA contract), or the embedding's L2 norm."""
 
     def __init__(self, path: Path, entry: ModelEntry, providers: Sequence[str], intra_op_threads: int = 0,
-                 max_batch: int = 64) -> None:
-        super().__init__(path, entry, providers, intra_op_threads, max_batch)
+                 max_batch: int = 64, *, solo_threads: int = 0) -> None:
+        super().__init__(path, entry, providers, intra_op_threads, max_batch, solo_threads=solo_threads)
         if entry.family == "embedding_norm":
             self._output = entry.outputs.get("embedding", "embedding")
         else:

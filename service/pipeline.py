@@ -58,6 +58,9 @@ class PipelineSettings:
     decode_workers: int = min(4, os.cpu_count() or 1)  # run(): threads preparing images
     score_workers: int = min(4, os.cpu_count() or 1)  # run(): quality batches scored at once
     intra_op_threads: int = 1  # ONNX Runtime threads per session call; 0 = one per core (lowest latency alone)
+    # A call that starts while no other model call runs uses this many threads instead (runtime.SoloSession):
+    # a lone image's latency; 0 = off.
+    solo_threads: int = 0
     # run(): detect batch_size images per network call (SCRFD; one call per input shape). None = when the first
     # provider is a GPU's: there one call per image leaves the device idle; on a CPU per-image calls side by
     # side already fill the cores.
@@ -109,14 +112,15 @@ class Pipeline:
         """The detector adapter (verified on first use); it reads its input spec from the manifest entry."""
         path, entry = resolve(self.detector_name, "detector", self.manifest, self.settings.models_dir)
         return create_detector(path, entry, self.settings.detection, self.settings.providers,
-                               self.settings.intra_op_threads, batched=self.batch_detection)
+                               self.settings.intra_op_threads, batched=self.batch_detection,
+                               solo_threads=self.settings.solo_threads)
 
     @cached_property
     def quality(self) -> QualityModel:
         """The quality model adapter (verified on first use)."""
         path, entry = resolve(self.quality_name, "quality", self.manifest, self.settings.models_dir)
         return QualityModel(path, entry, self.settings.providers, self.settings.intra_op_threads,
-                            self.settings.batch_size)
+                            self.settings.batch_size, solo_threads=self.settings.solo_threads)
 
     def load(self, detector: bool = True, quality: bool = True) -> None:
         """Open (and verify) the models now, so a bad model fails the whole run before any image."""

@@ -7,6 +7,7 @@ ONNX Runtime is imported here only, on first use, so an install without it (neit
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -54,8 +55,21 @@ def select_providers(requested: Sequence[str] = DEFAULT_PROVIDERS) -> list[str]:
     return chosen
 
 
-def create_session(path: str | Path, providers: Sequence[str] = DEFAULT_PROVIDERS, intra_op_threads: int = 0) -> Any:
-    """Open an ONNX model with the selected providers; ``session.get_providers()[0]`` is the one in use."""
+def create_session(path: str | Path, providers: Sequence[str] = DEFAULT_PROVIDERS, intra_op_threads: int = 0,
+                   solo_threads: int = 0) -> Any:
+    """Open an ONNX model with the selected providers; ``session.get_providers()[0]`` is the one in use.
+
+    ``solo_threads`` > ``intra_op_threads`` on the CPU: a ``SoloSession`` whose calls that start while no other
+    model call runs in this process use that many threads (a lone request's latency), the others
+    ``intra_op_threads`` (throughput under load)."""
+    session = _session(path, providers, intra_op_threads, spin=False)
+    if solo_threads > max(intra_op_threads, 1) and provider_in_use(session) == "CPUExecutionProvider":
+        return SoloSession(session, _session(path, providers, solo_threads, spin=True))
+    return session
+
+
+def _session(path: str | Path, providers: Sequence[str], intra_op_threads: int, spin: bool) -> Any:
+    """One ORT session; ``spin``: its intra-op threads spin while a call runs and stop when it returns."""
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # SFace's "initializer in graph inputs" warnings are harmless noise
@@ -65,7 +79,11 @@ def create_session(path: str | Path, providers: Sequence[str] = DEFAULT_PROVIDER
     # Idle intra-op threads sleep instead of spinning: the pipeline's stages (detection in worker threads,
     # quality inference) run sessions at once, and a spinning pool burns the cores the other stage needs
     # (measured on 2 cores: 2 threads with spinning cost 1.25-1.8x the CPU per face of 1 thread; without, 1.0-1.1x).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # A solo session runs alone, so it spins during its call (2 threads: 12.6 ms per face against 13.5 without
+    # spinning and 18 with 1 thread) and stops at once after it, leaving the cores to what comes next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     provider_list: list = []
     for name in select_providers(providers):
         if name == "CUDAExecutionProvider":
@@ -74,6 +92,59 @@ def create_session(path: str | Path, providers: Sequence[str] = DEFAULT_PROVIDER
         else:
             provider_list.append(name)
     return ort.InferenceSession(str(path), sess_options=options, providers=provider_list)
+
+
+class _Calls:
+    """How many SoloSession calls run now in this process: the signal that a call runs alone."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+
+    def enter(self) -> bool:
+        """Count a call in; True when no other call was running."""
+        with self.lock:
+            self.running += 1
+            return self.running == 1
+
+    def leave(self) -> None:
+        """Count a call out."""
+        with self.lock:
+            self.running -= 1
+
+
+_CALLS = _Calls()
+
+
+class SoloSession:
+    """Two sessions of one model on the CPU: a call that starts while no other model call runs takes the
+    many-thread ``solo`` session, any other the few-thread ``shared`` one.
+
+    Why: throughput under load comes from calls side by side on one thread each (pipeline.py), but a lone
+    request (one client, sequential requests) then leaves the other cores idle; ORT fixes a session's thread
+    count at creation, so the two regimes need two sessions (memory: one more copy of the weights)."""
+
+    def __init__(self, shared: Any, solo: Any) -> None:
+        self.shared = shared
+        self.solo = solo
+        self.solo_calls = 0  # how many calls each session took (tests, benchmarks)
+        self.shared_calls = 0
+
+    def run(self, output_names: Any, input_feed: dict, run_options: Any = None) -> list:
+        """``InferenceSession.run`` on the session this moment calls for."""
+        alone = _CALLS.enter()
+        try:
+            if alone:
+                self.solo_calls += 1
+                return self.solo.run(output_names, input_feed, run_options)
+            self.shared_calls += 1
+            return self.shared.run(output_names, input_feed, run_options)
+        finally:
+            _CALLS.leave()
+
+    def __getattr__(self, name: str) -> Any:
+        # Inputs, outputs, providers and metadata are the shared session's (both open the same file).
+        return getattr(self.shared, name)
 
 
 def provider_in_use(session: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -43,6 +44,8 @@ class Settings(BaseSettings):
     # concurrent batches and the worker threads (85 % / 84 %), one batch at a time leaves a core idle (75 %).
     inference_threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session call "
                                    "(0 = all cores: lowest latency for one request alone)")
+    solo_threads: int = Field(min(4, os.cpu_count() or 1), ge=0, le=256, description="ONNX Runtime threads of a "
+                              "model call that starts while no other runs (a lone request's latency; 0 = off)")
     batch_detection: bool | None = Field(None, description="detect a request's images in one network call per "
                                          "input shape (unset: on a GPU provider only)")
     warmup_rounds: int = Field(2, ge=1, le=100_000, description="warm-up inferences per batch size before ready")
@@ -96,5 +99,6 @@ class Settings(BaseSettings):
             detector=self.detector, quality=self.quality_model, providers=self.provider_list,
             detection=DetectorSettings(input_size=self.det_size, score_threshold=self.det_threshold),
             max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, batch_size=self.max_batch_size,
-            models_dir=self.models_dir, intra_op_threads=self.inference_threads, batch_detection=self.batch_detection,
+            models_dir=self.models_dir, intra_op_threads=self.inference_threads, solo_threads=self.solo_threads,
+            batch_detection=self.batch_detection,
         )

@@ -91,6 +91,14 @@ def test_compose_config() -> None:
     assert {"crfiqa", "crfiqa-gpu", "models", "prometheus", "grafana"} <= set(spec["services"])
 
 
+def test_every_service_setting_is_in_the_readme_table() -> None:
+    from crfiqa.service.settings import Settings
+
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `CRFIQA_")]
+    documented = set(re.findall(r"`CRFIQA_([A-Z0-9_]+)`", "\n".join(rows)))
+    assert {name.upper() for name in Settings.model_fields} <= documented
+
+
 @pytest.mark.parametrize("target", ["base", "overlays/gpu"])
 def test_kubernetes_manifests(target: str, tmp_path: Path) -> None:
     rendered = run(tool("kubectl"), "kustomize", str(REPO / "deploy" / "k8s" / target)).stdout

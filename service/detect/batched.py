@@ -80,13 +80,13 @@ class BatchedSCRFD(SCRFD):
     them; per image, decoding, NMS and the size/cap filters are the per-image detector's own."""
 
     def __init__(self, path: Path, settings: DetectorSettings, providers: Sequence[str],
-                 intra_op_threads: int = 0, spec: DetectorSpec | None = None) -> None:
-        super().__init__(path, settings, providers, intra_op_threads, spec)
+                 intra_op_threads: int = 0, spec: DetectorSpec | None = None, *, solo_threads: int = 0) -> None:
+        super().__init__(path, settings, providers, intra_op_threads, spec, solo_threads=solo_threads)
         model = batch_axis_model(onnx.load(str(path)))
         with tempfile.TemporaryDirectory() as tmp:  # ORT reads the whole file at session creation
             rewritten = Path(tmp) / Path(path).name
             onnx.save(model, str(rewritten))
-            self.batch_session = create_session(rewritten, providers, intra_op_threads)
+            self.batch_session = create_session(rewritten, providers, intra_op_threads, solo_threads)
         self.batch_output_names = [o.name for o in self.batch_session.get_outputs()]
         self._ready = threading.local()  # per thread: (image, its raw detections) while detect_batch finishes it
 

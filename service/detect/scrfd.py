@@ -39,13 +39,13 @@ class SCRFD(Detector):
     """SCRFD with 5 keypoints, any input height and width divisible by 32."""
 
     def __init__(self, path: Path, settings: DetectorSettings, providers: Sequence[str],
-                 intra_op_threads: int = 0, spec: DetectorSpec | None = None) -> None:
+                 intra_op_threads: int = 0, spec: DetectorSpec | None = None, *, solo_threads: int = 0) -> None:
         spec = spec or DetectorSpec()
         super().__init__(settings, spec)
         self.bgr = (spec.colour or DEFAULT_SPEC.colour) == "BGR"
         self.mean = DEFAULT_SPEC.mean if spec.mean is None else spec.mean
         self.std = DEFAULT_SPEC.std if spec.std is None else spec.std
-        self.session = create_session(path, providers, intra_op_threads)
+        self.session = create_session(path, providers, intra_op_threads, solo_threads)
         self.input_name = self.session.get_inputs()[0].name
         outputs = self.session.get_outputs()
         if len(outputs) != 9:

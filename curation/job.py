@@ -168,10 +168,11 @@ def run(source: DataSource, indices: list[int], shard_size: int, settings: Pipel
     table = items_table(source, indices, shard_size)
     blocks = [table.slice(a, PREPARE_BATCH) for a in range(0, table.num_rows, PREPARE_BATCH)]
     ds: ray.data.Dataset = ray.data.from_arrow(blocks)
-    # Detection in a task uses the task's CPU; the quality session gets the actor's CPUs (or its GPU).
+    # Detection in a task uses the task's CPU; the quality session gets the actor's CPUs (or its GPU). No solo
+    # sessions: a Ray worker keeps to its CPU budget even when it happens to run alone.
     prepare_settings = replace(settings, intra_op_threads=max(1, math.floor(resources.prepare_cpus)),
-                               decode_workers=1)
-    score_settings = replace(settings, intra_op_threads=max(1, math.ceil(resources.scorer_cpus)))
+                               solo_threads=0, decode_workers=1)
+    score_settings = replace(settings, intra_op_threads=max(1, math.ceil(resources.scorer_cpus)), solo_threads=0)
     ds = ds.map_batches(prepare_batch, batch_size=PREPARE_BATCH, batch_format="numpy",  # type: ignore[arg-type]
                         fn_kwargs={"settings": prepare_settings, "options": options, "loader": Loader(source.rec)},
                         num_cpus=resources.prepare_cpus)

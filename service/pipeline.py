@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import cv2
@@ -33,7 +33,7 @@ from crfiqa.service.imaging import (
 )
 from crfiqa.service.registry import Manifest, resolve
 from crfiqa.service.results import Component, Detection, FaceResult, ImageResult, Quality
-from crfiqa.service.runtime import DEFAULT_PROVIDERS, GPU_PROVIDERS, select_providers
+from crfiqa.service.runtime import DEFAULT_PROVIDERS, GPU_PROVIDERS, images_in_flight, select_providers
 
 #: An input of ``prepare``: a path, a (name, encoded bytes) pair or a (name, decoded image) pair.
 Source = str | Path | tuple[str, bytes] | tuple[str, DecodedImage]
@@ -58,8 +58,9 @@ class PipelineSettings:
     decode_workers: int = min(4, os.cpu_count() or 1)  # run(): threads preparing images
     score_workers: int = min(4, os.cpu_count() or 1)  # run(): quality batches scored at once
     intra_op_threads: int = 1  # ONNX Runtime threads per session call; 0 = one per core (lowest latency alone)
-    # A call that starts while no other model call runs uses this many threads instead (runtime.SoloSession):
-    # a lone image's latency; 0 = off.
+    # A call that starts while no other model call runs, with at most one image in flight, uses this many
+    # threads instead (runtime.SoloSession): a lone image's latency. 0 here: a library caller running prepare
+    # and score in its own threads opts in; the CLI and the service take CRFIQA_SOLO_THREADS (settings.py).
     solo_threads: int = 0
     # run(): detect batch_size images per network call (SCRFD; one call per input shape). None = when the first
     # provider is a GPU's: there one call per image leaves the device idle; on a CPU per-image calls side by
@@ -290,9 +291,13 @@ class Pipeline:
         scorers = max(1, self.settings.score_workers)
         window = max(2 * self.settings.batch_size, 2 * self.settings.decode_workers)
         it = iter(sources)
+        head = list(islice(it, 2))
+        it = chain(head, it)
         pending: deque[Future[Prepared]] = deque()
         scoring: deque[tuple[list[Prepared], Future[list[ImageResult]]]] = deque()
-        with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="crfiqa-prepare") as pool, \
+        # One image alone may take the solo sessions (all cores in each call); many overlap one another instead.
+        with images_in_flight(len(head)), \
+                ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="crfiqa-prepare") as pool, \
                 ThreadPoolExecutor(scorers, thread_name_prefix="crfiqa-score") as score_pool:
 
             step = self.settings.batch_size if self.batch_detection and not opts.aligned else 1

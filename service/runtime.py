@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -94,31 +95,49 @@ def _session(path: str | Path, providers: Sequence[str], intra_op_threads: int, 
     return ort.InferenceSession(str(path), sess_options=options, providers=provider_list)
 
 
-class _Calls:
-    """How many SoloSession calls run now in this process: the signal that a call runs alone."""
+class _Activity:
+    """What runs now in this process: SoloSession calls, and the images callers declared in flight."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.running = 0
+        self.calls = 0
+        self.images = 0
 
     def enter(self) -> bool:
-        """Count a call in; True when no other call was running."""
+        """Count a call in; True when it runs alone: no other call, and at most one image in flight."""
         with self.lock:
-            self.running += 1
-            return self.running == 1
+            self.calls += 1
+            return self.calls == 1 and self.images <= 1
 
     def leave(self) -> None:
         """Count a call out."""
         with self.lock:
-            self.running -= 1
+            self.calls -= 1
+
+    def hold(self, n: int) -> None:
+        """Count ``n`` images in (negative: out)."""
+        with self.lock:
+            self.images += n
 
 
-_CALLS = _Calls()
+_ACTIVITY = _Activity()
+
+
+@contextmanager
+def images_in_flight(n: int) -> Iterator[None]:
+    """Declare ``n`` images in work meanwhile (a service request, a ``Pipeline.run``): with more than one, no
+    call takes a solo session even in a gap between calls, since the other images' calls are about to come."""
+    _ACTIVITY.hold(n)
+    try:
+        yield
+    finally:
+        _ACTIVITY.hold(-n)
 
 
 class SoloSession:
-    """Two sessions of one model on the CPU: a call that starts while no other model call runs takes the
-    many-thread ``solo`` session, any other the few-thread ``shared`` one.
+    """Two sessions of one model on the CPU: a call that starts while no other model call runs (and at most
+    one image is declared in flight, ``images_in_flight``) takes the many-thread ``solo`` session, any other
+    the few-thread ``shared`` one.
 
     Why: throughput under load comes from calls side by side on one thread each (pipeline.py), but a lone
     request (one client, sequential requests) then leaves the other cores idle; ORT fixes a session's thread
@@ -132,7 +151,7 @@ class SoloSession:
 
     def run(self, output_names: Any, input_feed: dict, run_options: Any = None) -> list:
         """``InferenceSession.run`` on the session this moment calls for."""
-        alone = _CALLS.enter()
+        alone = _ACTIVITY.enter()
         try:
             if alone:
                 self.solo_calls += 1
@@ -140,7 +159,7 @@ class SoloSession:
             self.shared_calls += 1
             return self.shared.run(output_names, input_feed, run_options)
         finally:
-            _CALLS.leave()
+            _ACTIVITY.leave()
 
     def __getattr__(self, name: str) -> Any:
         # Inputs, outputs, providers and metadata are the shared session's (both open the same file).

@@ -10,7 +10,7 @@ import numpy as np
 from crfiqa.service.pipeline import Pipeline
 from crfiqa.service.preprocess import to_blob
 from crfiqa.service.registry import resolve
-from crfiqa.service.runtime import SoloSession, create_session
+from crfiqa.service.runtime import SoloSession, create_session, images_in_flight
 from tests.helpers import lfw_dev_images
 
 CPU = ("CPUExecutionProvider",)
@@ -53,6 +53,31 @@ def test_lone_calls_take_the_solo_session_and_overlapping_calls_the_shared_one()
         np.testing.assert_allclose(alone[i], ref, atol=1e-5)
         for k in (0, 1):
             np.testing.assert_allclose(results[k][i], ref, atol=1e-5)
+
+
+def test_declared_images_in_flight_keep_calls_off_the_solo_session() -> None:
+    path, blob, output = _quality_blob(Pipeline(), 1)
+    session = create_session(path, CPU, intra_op_threads=1, solo_threads=2)
+    name = session.get_inputs()[0].name
+    with images_in_flight(1):
+        session.run([output], {name: blob})
+    assert (session.solo_calls, session.shared_calls) == (1, 0)
+    with images_in_flight(3):
+        session.run([output], {name: blob})
+    assert (session.solo_calls, session.shared_calls) == (1, 1)
+    session.run([output], {name: blob})  # released again
+    assert (session.solo_calls, session.shared_calls) == (2, 1)
+
+
+def test_a_run_of_many_images_never_takes_the_solo_sessions_and_one_image_does(make_pipeline) -> None:
+    pipe: Pipeline = make_pipeline(solo_threads=2)
+    many = list(pipe.run(lfw_dev_images(12)))
+    det, quality = pipe.detector.session, pipe.quality.session
+    assert len(many) == 12 and all(r.faces for r, _ in many)
+    assert det.solo_calls == 0 and quality.solo_calls == 0 and det.shared_calls == 12
+    (one, _), = pipe.run(lfw_dev_images(1))
+    assert det.solo_calls == 1 and quality.solo_calls == 1
+    assert abs(one.faces[0].quality.raw - many[0][0].faces[0].quality.raw) < 1e-5
 
 
 def test_no_solo_session_unless_it_has_more_threads() -> None:

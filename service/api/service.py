@@ -25,6 +25,7 @@ from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.pipeline import Options as PipelineOptions
 from crfiqa.service.pipeline import Pipeline, Prepared
 from crfiqa.service.results import ImageResult
+from crfiqa.service.runtime import images_in_flight
 from crfiqa.service.settings import Settings
 
 log = logging.getLogger("crfiqa.api")
@@ -182,30 +183,32 @@ class Service:
         """Prepare images in parallel worker threads (on a GPU: a request's images in one batched detection),
         score all their faces in one batcher submission, finish each; a failed batch fails the images that had
         faces in it (typed, per image)."""
-        loop = asyncio.get_running_loop()
-        popts = self.options(opts)
-        t0 = time.perf_counter()
-        if self.pipeline.batch_detection and len(uploads) > 1 and not popts.aligned:
-            prepared = await loop.run_in_executor(self.workers, self.prepare_many, uploads, popts)
-        else:
-            prepared = await asyncio.gather(*(loop.run_in_executor(self.workers, self.prepare, u, popts)
-                                              for u in uploads))
-        t1 = time.perf_counter()
-        crops = self.pipeline.batch_crops(prepared)
-        if len(crops) > self.settings.max_queue_size:
-            raise RequestError(f"{len(crops)} faces; the inference queue holds at most "
-                               f"{self.settings.max_queue_size}: send fewer images per request",
-                               code="too_many_faces")
-        error: CrfiqaError | None = None
-        raw = np.zeros(0)
-        if len(crops):
-            try:
-                raw = await self.batcher.submit(crops)
-            except QueueFullError:
-                raise  # a whole-request 503
-            except CrfiqaError as exc:
-                error = exc
-        t2 = time.perf_counter()
-        results = self.pipeline.finish_batch(prepared, None if error else raw, error=error)
-        self.metrics.observe_images(prepared, results)
-        return Scored(results, t1 - t0, t2 - t1, list(prepared))
+        # Declared for the solo sessions (runtime.SoloSession): only a lone one-image request uses every core.
+        with images_in_flight(len(uploads)):
+            loop = asyncio.get_running_loop()
+            popts = self.options(opts)
+            t0 = time.perf_counter()
+            if self.pipeline.batch_detection and len(uploads) > 1 and not popts.aligned:
+                prepared = await loop.run_in_executor(self.workers, self.prepare_many, uploads, popts)
+            else:
+                prepared = await asyncio.gather(*(loop.run_in_executor(self.workers, self.prepare, u, popts)
+                                                  for u in uploads))
+            t1 = time.perf_counter()
+            crops = self.pipeline.batch_crops(prepared)
+            if len(crops) > self.settings.max_queue_size:
+                raise RequestError(f"{len(crops)} faces; the inference queue holds at most "
+                                   f"{self.settings.max_queue_size}: send fewer images per request",
+                                   code="too_many_faces")
+            error: CrfiqaError | None = None
+            raw = np.zeros(0)
+            if len(crops):
+                try:
+                    raw = await self.batcher.submit(crops)
+                except QueueFullError:
+                    raise  # a whole-request 503
+                except CrfiqaError as exc:
+                    error = exc
+            t2 = time.perf_counter()
+            results = self.pipeline.finish_batch(prepared, None if error else raw, error=error)
+            self.metrics.observe_images(prepared, results)
+            return Scored(results, t1 - t0, t2 - t1, list(prepared))

@@ -3,8 +3,9 @@
     python benchmarks/service.py --images 128 --clients 8
 
 Starts ``crfiqa serve`` on a free loopback port, sends each image as its own multipart request (or
-``--per-request`` images per request) from N concurrent clients (one asyncio loop, so the load generator costs little CPU), and prints images/s
-and p50/p95/p99 latency beside the in-process pipeline's end-to-end images/s on the same images.
+``--per-request`` images per request) from N concurrent clients (one asyncio loop, so the load generator
+costs little CPU), and prints images/s and p50/p95/p99 latency beside the in-process pipeline's end-to-end
+images/s on the same images.
 """
 
 from __future__ import annotations

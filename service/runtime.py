@@ -60,11 +60,10 @@ def create_session(path: str | Path, providers: Sequence[str] = DEFAULT_PROVIDER
                    solo_threads: int = 0) -> Any:
     """Open an ONNX model with the selected providers; ``session.get_providers()[0]`` is the one in use.
 
-    ``solo_threads`` > ``intra_op_threads`` on the CPU: a ``SoloSession`` whose calls that start while no other
-    model call runs in this process use that many threads (a lone request's latency), the others
-    ``intra_op_threads`` (throughput under load)."""
+    ``solo_threads`` > ``intra_op_threads`` (not 0, which already means every core) on the CPU: a
+    ``SoloSession`` (a lone call on ``solo_threads``, the others on ``intra_op_threads``)."""
     session = _session(path, providers, intra_op_threads, spin=False)
-    if solo_threads > max(intra_op_threads, 1) and provider_in_use(session) == "CPUExecutionProvider":
+    if 0 < intra_op_threads < solo_threads and provider_in_use(session) == "CPUExecutionProvider":
         return SoloSession(session, _session(path, providers, solo_threads, spin=True))
     return session
 
@@ -103,11 +102,16 @@ class _Activity:
         self.calls = 0
         self.images = 0
 
-    def enter(self) -> bool:
-        """Count a call in; True when it runs alone: no other call, and at most one image in flight."""
-        with self.lock:
+    def enter(self, session: SoloSession) -> bool:
+        """Count a call of ``session`` in; True when it runs alone: no other call, at most one image in flight."""
+        with self.lock:  # the session's counters too: calls come from many threads
             self.calls += 1
-            return self.calls == 1 and self.images <= 1
+            alone = self.calls == 1 and self.images <= 1
+            if alone:
+                session.solo_calls += 1
+            else:
+                session.shared_calls += 1
+            return alone
 
     def leave(self) -> None:
         """Count a call out."""
@@ -151,13 +155,9 @@ class SoloSession:
 
     def run(self, output_names: Any, input_feed: dict, run_options: Any = None) -> list:
         """``InferenceSession.run`` on the session this moment calls for."""
-        alone = _ACTIVITY.enter()
+        alone = _ACTIVITY.enter(self)
         try:
-            if alone:
-                self.solo_calls += 1
-                return self.solo.run(output_names, input_feed, run_options)
-            self.shared_calls += 1
-            return self.shared.run(output_names, input_feed, run_options)
+            return (self.solo if alone else self.shared).run(output_names, input_feed, run_options)
         finally:
             _ACTIVITY.leave()
 

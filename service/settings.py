@@ -13,6 +13,13 @@ from crfiqa.service.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from crfiqa.service.pipeline import PipelineSettings
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, as in a cpuset-limited container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     """Every setting of the service; values out of range are refused at start-up."""
 
@@ -46,7 +53,7 @@ class Settings(BaseSettings):
                                    "(0 = all cores: lowest latency for one request alone)")
     # Two threads: 1.4x faster for a lone face on 2 cores; more threads than the cores this process may use
     # (4 on 2: 1 client at 31 % instead of 67 %) spin against each other, so the default never exceeds them.
-    solo_threads: int = Field(2 if len(os.sched_getaffinity(0)) >= 2 else 0, ge=0, le=256,
+    solo_threads: int = Field(2 if _usable_cpus() >= 2 else 0, ge=0, le=256,
                               description="ONNX Runtime threads of a model call that starts while no other runs "
                               "and one image is in flight (a lone request's latency; 0 = off; CPU only)")
     batch_detection: bool | None = Field(None, description="detect a request's images in one network call per "

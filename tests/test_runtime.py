@@ -84,6 +84,7 @@ def test_no_solo_session_unless_it_has_more_threads() -> None:
     path, _, _ = _quality_blob(Pipeline(), 1)
     assert not isinstance(create_session(path, CPU, intra_op_threads=2, solo_threads=2), SoloSession)
     assert not isinstance(create_session(path, CPU, intra_op_threads=1, solo_threads=0), SoloSession)
+    assert not isinstance(create_session(path, CPU, intra_op_threads=0, solo_threads=2), SoloSession)  # all cores
 
 
 def test_pipeline_models_use_the_solo_setting(make_pipeline) -> None:

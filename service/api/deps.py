@@ -15,7 +15,7 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="a
 bearer = HTTPBearer(auto_error=False, description="an API key as a bearer token")
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     """The app's Service."""
     return request.app.state.service
 
@@ -23,7 +23,7 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def authenticate(request: Request, service: ServiceDep,
+async def authenticate(request: Request, service: ServiceDep,
                  key: Annotated[str | None, Security(api_key_header)] = None,
                  token: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> str | None:
     """Check the API key (when keys are configured) and spend a token of its rate limit; the key's id."""
@@ -49,7 +49,7 @@ def presented_key(request: Request) -> str | None:
     return key
 
 
-def authenticate_metrics(request: Request, service: ServiceDep) -> None:
+async def authenticate_metrics(request: Request, service: ServiceDep) -> None:
     """``/metrics`` needs a key only with ``CRFIQA_METRICS_REQUIRE_KEY=true`` (and is never rate limited)."""
     if (service.settings.metrics_require_key and service.keys.enabled
             and service.keys.check(presented_key(request)) is None):

@@ -69,3 +69,22 @@ if [ ! -f runs/eval/ablations.md ]; then
     --set ofiq=runs/lfw_dev_ofiq --set celeba=runs/celeba_split/dev --set in_family=runs/lfw_dev_xq > runs/eval/ablations.tmp
   mv runs/eval/ablations.tmp runs/eval/ablations.md
 fi
+
+# 7. The untouched check: the recipe refitted 5-fold by identity over its own training identities, judged on
+#    the held-out folds' photos (LFW training identities with the ofiq family at seed 2028; the CelebA
+#    training half as it is).
+if [ ! -d runs/oof_lfw_ofiq ]; then
+  rm -rf runs/oof_lfw && mkdir -p runs/oof_lfw
+  for d in "$shared"/data/train/*/ "$shared"/data/train_extra/*/; do
+    mkdir -p "runs/oof_lfw/$(basename "$d")"
+    ln -sf "$(readlink -f "$d")"/* "runs/oof_lfw/$(basename "$d")/"
+  done
+  rm -rf runs/oof_lfw_ofiq.tmp
+  $crfiqa degrade runs/oof_lfw --out runs/oof_lfw_ofiq.tmp --seed 2028 --fraction 0.5 --family ofiq
+  mv runs/oof_lfw_ofiq.tmp runs/oof_lfw_ofiq
+fi
+if [ ! -f runs/eval/oof.md ]; then
+  $py scripts/oof_evaluate.py runs/crfiqa_mbf_v2 --bootstrap "$bootstrap" \
+    --set lfw_train_ofiq=runs/oof_lfw_ofiq --set celeba_train=runs/celeba_split/train > runs/eval/oof.tmp
+  mv runs/eval/oof.tmp runs/eval/oof.md
+fi

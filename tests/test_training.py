@@ -466,6 +466,38 @@ def test_feature_stats_head_sees_the_norm_and_channel_statistics() -> None:
         build_quality_head("feature_stats", 8)
 
 
+def test_identity_folds_partition_identities_and_fold_heads_see_only_their_faces() -> None:
+    from crfiqa.training.closed_form import cr_targets, fit_head, identity_folds
+    from crfiqa.training.config import TrainConfig
+
+    names = [f"id{k % 7}" for k in range(40)]
+    folds = identity_folds(names, 3, seed=5)
+    assert np.array_equal(folds, identity_folds(names, 3, seed=5))  # seeded
+    assert not np.array_equal(folds, identity_folds(names, 3, seed=6))
+    for who in set(names):  # an identity is in exactly one fold
+        assert len({int(f) for n, f in zip(names, folds) if n == who}) == 1
+    assert sorted(np.bincount([int(f) for f in {n: f for n, f in zip(names, folds)}.values()])) == [2, 2, 3]
+
+    # A fold's head: CR from the kept faces alone. Kept labels need not be contiguous; the held-out
+    # identities are no one's nearest negative centre.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(6).repeat_interleave(4)
+    embs = [torch.randn(24, 8, generator=g) + 3 * torch.eye(8)[labels] for _ in range(2)]
+    feats = [torch.randn(24, 5, generator=g) for _ in range(2)]
+    keep = labels != 2
+    cfg = TrainConfig(ridge_alpha=0.1)
+    lin = torch.nn.Linear(5, 1)
+    _, targets = fit_head(lin, cfg, [e[keep] for e in embs], [f[keep] for f in feats], labels[keep])
+    contiguous = torch.where(labels[keep] > 2, labels[keep] - 1, labels[keep])
+    alone = torch.cat(cr_targets([e[keep] for e in embs], contiguous, 5, cfg.cr_target))
+    everyone = torch.cat([t[keep] for t in cr_targets(embs, labels, 6, cfg.cr_target)])
+    assert torch.allclose(targets, alone)
+    assert not torch.allclose(targets, everyone)  # identity 2 would have been a negative centre
+    again = torch.nn.Linear(5, 1)
+    fit_head(again, cfg, [e[keep] for e in embs], [f[keep] for f in feats], contiguous)
+    assert torch.allclose(lin.weight, again.weight) and torch.allclose(lin.bias, again.bias)
+
+
 @pytest.mark.slow
 def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path) -> None:
     from crfiqa.training.closed_form import training_set

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader
@@ -128,6 +130,25 @@ def cr_targets(embs: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
     return [certainty_target(loo.cosines(e, index, labels), labels, mode)[0] for e in embs]
 
 
+def fit_head(lin: torch.nn.Linear, cfg: TrainConfig, embs: list[torch.Tensor], feats: list[torch.Tensor],
+             labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Ridge-fit ``lin`` to the CR of these faces in every copy (CR from these faces alone: a subset of the
+    identities is its own training set); (the fit's RMSE, the targets)."""
+    classes, index = torch.unique(labels, return_inverse=True)
+    targets = torch.cat(cr_targets(embs, index, len(classes), cfg.cr_target))
+    x = torch.cat(feats)
+    return ridge_fit(lin, x, targets, alpha=cfg.ridge_alpha * len(x)), targets
+
+
+def identity_folds(identities: list[str], folds: int, seed: int) -> np.ndarray:
+    """The fold of each face: identities (sorted, then shuffled with ``random.Random(seed)``) dealt round-robin
+    into ``folds`` folds, so that no identity is in two folds."""
+    order = sorted(set(identities))
+    random.Random(seed).shuffle(order)
+    fold_of = {who: k % folds for k, who in enumerate(order)}
+    return np.array([fold_of[who] for who in identities], dtype=np.int64)
+
+
 def fit_closed_form(cfg: TrainConfig, model: torch.nn.Module) -> dict:
     """Extract (or reload) the features of every copy, fit ``qs`` by ridge, save ``latest.pt``; the fit's
     numbers (also in ``fit.json``)."""
@@ -136,10 +157,8 @@ def fit_closed_form(cfg: TrainConfig, model: torch.nn.Module) -> dict:
     dataset, embs, feats = all_copies(cfg, model, out)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     labels = torch.tensor([label for _, label in dataset.samples])
-    targets = torch.cat(cr_targets(embs, labels, dataset.num_classes, cfg.cr_target))
-    x = torch.cat(feats)
-    rmse = ridge_fit(head_linear(model.qs), x, targets, alpha=cfg.ridge_alpha * len(x))
-    report = {"faces": len(labels), "identities": dataset.num_classes, "rows": len(x), "features": x.shape[1],
+    rmse, targets = fit_head(head_linear(model.qs), cfg, embs, feats, labels)
+    report = {"faces": len(labels), "identities": dataset.num_classes, "rows": len(targets), "features": feats[0].shape[1],
               "cr_mean": float(targets.mean()), "cr_std": float(targets.std()), "rmse": rmse}
     torch.save({"step": 0, "config": cfg.to_dict(), "backbone": model.state_dict()}, out / "latest.pt")
     (out / "fit.json").write_text(json.dumps(report, indent=1))

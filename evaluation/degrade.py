@@ -17,7 +17,7 @@ from crfiqa.evaluation import syngen
 from crfiqa.evaluation.degradations import EVAL_SPEC, ChainSpec, Step, apply_chain, draw_chain
 from crfiqa.service.detect.base import select_one
 from crfiqa.service.errors import CrfiqaError
-from crfiqa.service.imaging import IMAGE_EXTENSIONS, read_image
+from crfiqa.service.imaging import IMAGE_EXTENSIONS, read_image, walk_files
 from crfiqa.service.pipeline import Pipeline
 
 FALLBACK_EYE_FRACTION = 0.3  # inter-eye distance assumed (of the image width) when no face is found
@@ -44,7 +44,7 @@ def degrade_dataset(src: str | Path, out: str | Path, seed: int, fraction: float
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     src, out = Path(src), Path(out)
-    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files = walk_files(src)
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     chosen = set(random.Random(seed).sample(range(len(images)), round(fraction * len(images))))
     if family == "crfiqa" and pipeline is None:

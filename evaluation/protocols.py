@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crfiqa.service.imaging import IMAGE_EXTENSIONS
+from crfiqa.service.imaging import IMAGE_EXTENSIONS, walk_files
 
 
 @dataclass
@@ -71,7 +71,7 @@ def all_vs_all(root: str | Path, max_impostors: int = 0, seed: int = 0, max_genu
     ``max_genuine_per_identity``: at most this many genuine pairs per identity (a seeded sample), so that
     identities with many images do not dominate."""
     root = Path(root)
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = [p for p in walk_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
     names = [p.relative_to(root).as_posix() for p in paths]
     identities = [p.parent.name for p in paths]
     _, ident = np.unique(np.array(identities), return_inverse=True)

@@ -76,8 +76,7 @@ fi
 if [ ! -d runs/oof_lfw_ofiq ]; then
   rm -rf runs/oof_lfw && mkdir -p runs/oof_lfw
   for d in "$shared"/data/train/*/ "$shared"/data/train_extra/*/; do
-    mkdir -p "runs/oof_lfw/$(basename "$d")"
-    ln -sf "$(readlink -f "$d")"/* "runs/oof_lfw/$(basename "$d")/"
+    ln -sfn "$(readlink -f "$d")" "runs/oof_lfw/$(basename "$d")"
   done
   rm -rf runs/oof_lfw_ofiq.tmp
   $crfiqa degrade runs/oof_lfw --out runs/oof_lfw_ofiq.tmp --seed 2028 --fraction 0.5 --family ofiq

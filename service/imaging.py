@@ -113,12 +113,27 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
+def walk_files(root: str | Path) -> list[Path]:
+    """Every file below ``root``, sorted, following symlinked folders (a dataset of linked identity folders is
+    common; ``Path.rglob`` skips them silently) and entering each real folder once (a link loop ends)."""
+    found: list[Path] = []
+    entered: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in entered:
+            dirs[:] = []
+            continue
+        entered.add(real)
+        found += [Path(folder, f) for f in files if os.path.isfile(os.path.join(folder, f))]
+    return sorted(found)
+
+
 def list_images(paths: list[str | Path]) -> list[Path]:
     """Expand files and directories (recursively, image extensions only) into a sorted, de-duplicated list."""
     out: list[Path] = []
     seen: set[Path] = set()
     for p in map(Path, paths):
-        found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS) if p.is_dir() else [p]
+        found = [q for q in walk_files(p) if q.suffix.lower() in IMAGE_EXTENSIONS] if p.is_dir() else [p]
         for q in found:
             if q not in seen:
                 seen.add(q)

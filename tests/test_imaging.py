@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,28 @@ def test_list_images_recurses_and_filters(tmp_path) -> None:
         (tmp_path / name).write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path])]
     assert found == ["a/b/y.PNG", "a/x.jpg", "z.webp"]
+
+
+def test_linked_identity_folders_are_followed_once(tmp_path) -> None:
+    """A dataset of symlinked identity folders (``Path.rglob`` skips them) is walked, a link loop ends, and
+    every listing (images, the all-vs-all protocol, best-shot inputs, degrade) sees the same files."""
+    from crfiqa.evaluation.degrade import degrade_dataset
+    from crfiqa.evaluation.protocols import all_vs_all
+    from crfiqa.service.bestshot import expand
+
+    store = tmp_path / "store" / "bob"
+    store.mkdir(parents=True)
+    for name in ["1.jpg", "2.jpg"]:
+        (store / name).write_bytes((SAMPLES / "t1.jpg").read_bytes())
+    src = tmp_path / "src"
+    (src / "ann").mkdir(parents=True)
+    (src / "ann" / "a.jpg").write_bytes((SAMPLES / "t1.jpg").read_bytes())
+    (src / "bob").symlink_to(store, target_is_directory=True)
+    (src / "ann" / "loop").symlink_to(src, target_is_directory=True)  # a cycle: entered once
+    want = ["ann/a.jpg", "bob/1.jpg", "bob/2.jpg"]
+    assert [p.relative_to(src).as_posix() for p in list_images([src])] == want
+    proto = all_vs_all(src)
+    assert proto.names == want and proto.identities == ["ann", "bob", "bob"] and int(proto.genuine.sum()) == 1
+    assert [Path(path).relative_to(src).as_posix() for path, _, _ in expand([src])] == want
+    degrade_dataset(src, tmp_path / "out", seed=1, fraction=0.0)
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.jpg")) == want

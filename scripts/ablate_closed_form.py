@@ -15,16 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from crfiqa.evaluation import evaluate as ev
 from crfiqa.evaluation import protocols, sources
 from crfiqa.service.pipeline import Pipeline, PipelineSettings
-from crfiqa.service.preprocess import to_blob
-from crfiqa.training.closed_form import all_copies, cr_targets, head_inputs
-from crfiqa.training.config import TrainConfig
+from crfiqa.training.closed_form import all_copies, cr_targets, crop_features, load_run
 from crfiqa.training.heads import ridge_fit
-from crfiqa.training.train import build_model, load_checkpoint
 
 
 def column_groups(embedding_size: int, channels: list[int], taps: list[str]) -> dict[str, np.ndarray]:
@@ -47,10 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-genuine-per-identity", type=int, default=40)
     args = p.parse_args(argv)
 
-    cfg = TrainConfig(**yaml.safe_load((args.run / "config.yaml").read_text()))
-    model = build_model(cfg)
-    model.load_state_dict(load_checkpoint(args.run / "latest.pt")["backbone"])
-    model.eval()
+    cfg, model = load_run(args.run)
     groups = column_groups(model.embedding_size, model.qs.channels, cfg.taps)
     every = np.arange(model.qs.linear.in_features)
     last = cfg.taps[-1]
@@ -80,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         proto = protocols.all_vs_all(root, 0, 0, args.max_genuine_per_identity)
         faces = sources.find_faces(proto, pipe, "center")
         ok = faces.ok
-        feats = torch.cat([head_inputs(model, torch.from_numpy(to_blob(faces.crops[i:i + 64])))[1]
-                           for i in range(0, len(ok), 64)])
+        feats = crop_features(model, faces.crops)
         q = {name: np.where(ok, lin(feats[:, cols]).detach().numpy()[:, 0], sources.FAILURE_QUALITY)
              for name, (cols, lin) in fits.items()}
         q["embedding norm (w600k_mbf)"] = sources.baseline("embedding_norm:w600k_mbf", faces, pipe)

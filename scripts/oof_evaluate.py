@@ -18,15 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from crfiqa.evaluation import evaluate as ev
 from crfiqa.evaluation import protocols, sources
 from crfiqa.service.pipeline import Pipeline, PipelineSettings
-from crfiqa.service.preprocess import to_blob
-from crfiqa.training.closed_form import all_copies, fit_head, head_inputs, identity_folds
-from crfiqa.training.config import TrainConfig
-from crfiqa.training.train import build_model, load_checkpoint
+from crfiqa.training.closed_form import all_copies, crop_features, fit_head, identity_folds, load_run
 
 NORM, LIGHTQNET = "embedding norm (w600k_mbf)", "LightQNet"
 
@@ -58,10 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-impostors", type=int, default=2_000_000, help="a seeded sample of the impostor pairs")
     args = p.parse_args(argv)
 
-    cfg = TrainConfig(**yaml.safe_load((args.run / "config.yaml").read_text()))
-    model = build_model(cfg)
-    model.load_state_dict(load_checkpoint(args.run / "latest.pt")["backbone"])
-    model.eval()
+    cfg, model = load_run(args.run)
     dataset, embs, feats = all_copies(cfg, model, args.run)  # the run's shards
     names = [Path(path).parent.name for path, _ in dataset.samples]
     labels = torch.tensor([label for _, label in dataset.samples])
@@ -85,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{root}: {len(strangers)} identities are not training identities "
                              f"(e.g. {strangers[0]}): they belong to no fold")
         faces = sources.find_faces(proto, pipe, "center")
-        x = torch.cat([head_inputs(model, torch.from_numpy(to_blob(faces.crops[i:i + 64])))[1]
-                       for i in range(0, len(faces.ok), 64)])
+        x = crop_features(model, faces.crops)
         image_fold = np.array([fold_of[who] for who in proto.identities])
         raw = np.zeros(len(x))
         with torch.no_grad():

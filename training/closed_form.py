@@ -23,6 +23,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from crfiqa.service.preprocess import to_blob
 from crfiqa.training.config import TrainConfig
 from crfiqa.training.data import open_dataset
 from crfiqa.training.data.augment import build_augmentations
@@ -40,6 +41,23 @@ def head_inputs(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Ten
         return embedding, FeatureStatsHead.features(embedding, maps)
     embedding = model.forward_features(images)
     return embedding, head_features(model.qs, embedding)
+
+
+@torch.no_grad()
+def crop_features(model: torch.nn.Module, crops: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    """The head's input features of aligned RGB uint8 crops [N,112,112,3] (the service's preprocessing)."""
+    return torch.cat([head_inputs(model, torch.from_numpy(to_blob(crops[i:i + batch_size])))[1]
+                      for i in range(0, len(crops), batch_size)])
+
+
+def load_run(run: Path) -> tuple[TrainConfig, torch.nn.Module]:
+    """A finished run's config and its model from ``latest.pt``, in eval mode."""
+    from crfiqa.training.train import build_model, load_checkpoint  # train imports this module
+
+    cfg = TrainConfig(**yaml.safe_load((run / "config.yaml").read_text()))
+    model = build_model(cfg)
+    model.load_state_dict(load_checkpoint(run / "latest.pt")["backbone"])
+    return cfg, model.eval()
 
 
 def copy_features(model: torch.nn.Module, dataset, copy: int, out: Path, batch_size: int, workers: int,

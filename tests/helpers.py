@@ -1,4 +1,4 @@
-"""Test helpers: locate ../shared and build small ONNX models of the quality contract."""
+"""Test helpers: locate ../shared, build small ONNX models of the quality contract, match detections."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from crfiqa.service.results import Detection
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CRFIQA_SHARED", REPO.parent / "shared"))
@@ -55,3 +57,13 @@ def expected_channel_quality(rgb_crop: np.ndarray) -> float:
 def lfw_dev_images(n: int) -> list[Path]:
     """The first ``n`` LFW dev images in a stable order."""
     return sorted((LFW / "images").rglob("*.jpg"))[:n]
+
+
+def match_faces(ref: list[Detection], got: list[Detection]) -> list[float | None]:
+    """For each reference face, the largest landmark coordinate difference (px) to its nearest detection
+    (None: no detection within half the reference box width)."""
+    out: list[float | None] = []
+    for f in ref:
+        d = [float(np.abs(g.landmarks - f.landmarks).max()) for g in got]
+        out.append(min(d) if d and min(d) < 0.5 * (f.bbox[2] - f.bbox[0]) else None)
+    return out

@@ -13,8 +13,7 @@ from crfiqa.service.errors import ModelError
 from crfiqa.service.imaging import read_image
 from crfiqa.service.pipeline import Pipeline, PipelineSettings
 from crfiqa.service.registry import DetectorSpec, Manifest
-from crfiqa.service.results import Detection
-from tests.helpers import SAMPLES, SHARED_MODELS, lfw_dev_images
+from tests.helpers import SAMPLES, SHARED_MODELS, lfw_dev_images, match_faces
 
 DETECTORS = ["scrfd_500m", "scrfd_2.5g", "yunet_2023mar"]
 
@@ -117,16 +116,6 @@ def test_manifest_detector_spec_is_read(make_pipeline, t1: np.ndarray) -> None:
     assert e.value.code == "bad_manifest"
 
 
-def _match(ref: list[Detection], got: list[Detection]) -> list[float | None]:
-    """For each reference face, the largest landmark coordinate difference (px) to its nearest detection
-    (None: no detection within half the reference box width)."""
-    out: list[float | None] = []
-    for f in ref:
-        d = [float(np.abs(g.landmarks - f.landmarks).max()) for g in got]
-        out.append(min(d) if d and min(d) < 0.5 * (f.bbox[2] - f.bbox[0]) else None)
-    return out
-
-
 def test_auto_size_finds_the_faces_found_at_640(pipeline, t1: np.ndarray) -> None:
     """Detection at the image's own size keeps the faces found at 640 on LFW dev images (250x250) and t1.
 
@@ -135,7 +124,7 @@ def test_auto_size_finds_the_faces_found_at_640(pipeline, t1: np.ndarray) -> Non
     face in every image, landmark difference median 2.4 px (p95 4.3 px, 5.8 % of the eye distance; 480 vs
     640 differ by 1.8 px); w600k_mbf verification on the 1,000 dev pairs 99.5 % vs 99.4 % at 640."""
     fixed = DetectorSettings(input_size=640)
-    t1_diffs = _match(pipeline.detect(t1, fixed), pipeline.detect(t1))
+    t1_diffs = match_faces(pipeline.detect(t1, fixed), pipeline.detect(t1))
     assert None not in t1_diffs and max(d for d in t1_diffs if d is not None) < 3.0
     centre, confident, found = [], 0, 0
     for path in lfw_dev_images(1549)[::12]:
@@ -144,12 +133,12 @@ def test_auto_size_finds_the_faces_found_at_640(pipeline, t1: np.ndarray) -> Non
         assert bool(ref) == bool(got), path
         if not ref:
             continue
-        c = _match(select_one(ref, rgb.shape[1], rgb.shape[0], "center"), got)[0]
+        c = match_faces(select_one(ref, rgb.shape[1], rgb.shape[0], "center"), got)[0]
         assert c is not None, f"{path}: the centre face found at 640 is missed"
         centre.append(c)
         strong = [f for f in ref if f.score >= 0.65]
         confident += len(strong)
-        found += sum(d is not None for d in _match(strong, got))
+        found += sum(d is not None for d in match_faces(strong, got))
     assert len(centre) >= 120
     assert found / confident >= 0.98, f"{found}/{confident} confident faces found"
     assert np.median(centre) < 3.5 and max(centre) < 10, f"median {np.median(centre):.2f}, max {max(centre):.2f}"

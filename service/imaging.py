@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from crfiqa.service.errors import DecodeError, LimitError
 
@@ -21,6 +21,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pbm", ".pnm"}
 )
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "MPO"})
+#: The Pillow openers tried on input bytes: MPO (multi-picture JPEG) has none of its own, JPEG's opens it.
+_OPENERS = sorted(SUPPORTED_FORMATS - {"MPO"})
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -55,10 +57,14 @@ def decode_image(
         with warnings.catch_warnings():
             # The pixel limit below is ours; Pillow's bomb warning would only duplicate it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # Only the supported formats' parsers see the bytes: Pillow otherwise tries every plugin it has,
+            # and a malformed DDS, AVIF or SPIDER file raises NotImplementedError, RuntimeError, ...
+            image = Image.open(io.BytesIO(data), formats=_OPENERS)
     except Image.DecompressionBombError as exc:
         raise LimitError(str(exc), code="too_many_pixels") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # a parser meeting hostile bytes may raise any type: all mean "not an image"
         raise DecodeError("not a decodable image (unknown or unsupported format)", code="unsupported_format") from exc
     with image:
         if image.format not in SUPPORTED_FORMATS:
@@ -75,7 +81,9 @@ def decode_image(
             image.load()  # GIF/TIFF/WebP animations: the first frame is the one loaded.
             fmt = image.format
             rgb = _to_rgb8(ImageOps.exif_transpose(image))
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # e.g. TypeError from a TIFF whose StripOffsets tag has the type ASCII
             raise DecodeError(f"corrupt or truncated {image.format} image: {exc}", code="corrupt_image") from exc
     return DecodedImage(rgb=rgb, format=fmt or "")
 
@@ -96,12 +104,20 @@ def read_image(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels:
 def _to_rgb8(image: Image.Image) -> np.ndarray:
     """Normalise any Pillow mode (grayscale, palette, 16-bit, alpha, CMYK) to HxWx3 uint8 RGB."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # Pillow's own convert("L") clips 16-bit values at 255; scale the full range instead.
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        if image.mode == "F" and arr.max(initial=0) <= 1.0:
+        # Pillow's own convert("L") clips 16-bit values at 255; scale the full range instead. A 16-bit mode
+        # says its range (0-65535, so the mapping is monotonic whatever the content); 32-bit "I" and "F"
+        # do not, and are read as 8-bit when they fit, as 16-bit otherwise, "F" in 0-1 as unit floats.
+        arr = np.array(image, dtype=np.float32)  # a writable copy: scaled in place below
+        peak = arr.max(initial=0)
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        elif image.mode == "F" and peak <= 1.0:
             top = 1.0
-        gray = np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        else:
+            top = 65535.0 if peak > 255 else 255.0
+        arr *= 255.0 / top
+        arr += 0.5
+        gray = np.clip(arr, 0, 255, out=arr).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels hold arbitrary colours: composite onto white rather than expose them.

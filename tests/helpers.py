@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from crfiqa.service.results import Detection
 
@@ -67,3 +70,23 @@ def match_faces(ref: list[Detection], got: list[Detection]) -> list[float | None
         d = [float(np.abs(g.landmarks - f.landmarks).max()) for g in got]
         out.append(min(d) if d and min(d) < 0.5 * (f.bbox[2] - f.bbox[0]) else None)
     return out
+
+
+def hostile_images() -> dict[str, bytes]:
+    """Malformed files on which Pillow raises untyped errors (not OSError/ValueError), by name: a DDS with
+    no pixel-format flags (NotImplementedError when every plugin is tried) and a TIFF whose StripOffsets tag
+    has the type ASCII (TypeError inside ``load``)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "DDS")
+    dds = bytearray(buf.getvalue())
+    dds[80:84] = bytes(4)  # DDS_PIXELFORMAT.dwFlags
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "TIFF")
+    tiff = bytearray(buf.getvalue())
+    (ifd,) = struct.unpack("<I", tiff[4:8])
+    (entries,) = struct.unpack("<H", tiff[ifd:ifd + 2])
+    for k in range(entries):
+        at = ifd + 2 + 12 * k
+        if struct.unpack("<H", tiff[at:at + 2])[0] == 273:  # StripOffsets: LONG -> ASCII
+            tiff[at + 2:at + 4] = struct.pack("<H", 2)
+    return {"bad_flags.dds": bytes(dds), "ascii_strips.tif": bytes(tiff)}

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.fault_models import build_failing_model
-from tests.helpers import SAMPLES, lfw_dev_images
+from tests.helpers import SAMPLES, hostile_images, lfw_dev_images
 from tests.server import Server
 from tests.test_cli import ENV
 
@@ -98,6 +98,25 @@ def test_json_batch_with_broken_images(server: Server) -> None:
     assert all(x["faces"] and "quality" in x["faces"][0] for x in results if x["status"] == "ok")
 
 
+@pytest.mark.parametrize("route", ["/v1/quality", "/v1/best"])
+def test_hostile_files_fail_alone(server: Server, route: str) -> None:
+    """Files on which Pillow raises untyped errors are typed per-image errors; the good images are answered."""
+    good = lfw_dev_images(2)
+    hostile = hostile_images()
+    files = [("images", (good[0].name, good[0].read_bytes(), "image/jpeg")),
+             *[("images", (name, data, "application/octet-stream")) for name, data in hostile.items()],
+             ("images", (good[1].name, good[1].read_bytes(), "image/jpeg"))]
+    r = httpx.post(server.url + route, files=files, headers=HEADERS, timeout=60)
+    assert r.status_code == 200, r.text
+    if route == "/v1/quality":
+        results = {x["id"]: x for x in r.json()["results"]}
+        assert all(results[p.name]["status"] == "ok" and results[p.name]["faces"] for p in good)
+        assert {results[n]["error"]["code"] for n in hostile} <= {"unsupported_format", "corrupt_image"}
+    else:
+        body = r.json()
+        assert {x["id"] for x in body["errors"]} >= set(hostile) and body["identities"], body
+
+
 def test_aligned_mode_and_cli_agree(server: Server) -> None:
     """Scores over HTTP equal `crfiqa score` on the same files."""
     paths = [SAMPLES / "Tom_Hanks_54745.png", SAMPLES / "t1.jpg"]
@@ -131,6 +150,8 @@ def test_limits_and_validation(server: Server) -> None:
     url = server.url + "/v1/quality"
     r = post_files(server, [SAMPLES / "Tom_Hanks_54745.png"] * (LIMIT_IMAGES + 1))
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_images"  # the schema's maxItems
+    r = post_files(server, [SAMPLES / "Tom_Hanks_54745.png"] * (LIMIT_IMAGES + 5))  # past starlette's max_files
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_images"
     big = [{"data": "A" * (LIMIT_BODY + 10)}]
     r = httpx.post(url, json={"images": big}, headers=HEADERS)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
@@ -182,6 +203,16 @@ def test_metrics_move_with_traffic(server: Server) -> None:
     assert metric(server, "crfiqa_quality_score_count") == faces_before + 6
     assert metric(server, "crfiqa_stage_duration_seconds_count", 'stage="detect"') > 0
     assert metric(server, "crfiqa_ready") == 1
+    best_before = metric(server, "crfiqa_requests_total", 'endpoint="/v1/best",status="200"')
+    r = httpx.post(server.url + "/v1/best", files=[("images", ("t1.jpg", (SAMPLES / "t1.jpg").read_bytes()))],
+                   headers=HEADERS, timeout=60)
+    assert r.status_code == 200
+    assert metric(server, "crfiqa_requests_total", 'endpoint="/v1/best",status="200"') == best_before + 1
+    # Refused by a middleware before any route runs: counted as an error like the routes' own.
+    too_large = metric(server, "crfiqa_errors_total", 'code="body_too_large"')
+    r = httpx.post(server.url + "/v1/quality", json={"images": [{"data": "A" * (LIMIT_BODY + 10)}]}, headers=HEADERS)
+    assert r.status_code == 413
+    assert metric(server, "crfiqa_errors_total", 'code="body_too_large"') == too_large + 1
 
 
 def test_concurrent_clients_are_batched(server: Server) -> None:

@@ -4,7 +4,10 @@ to 503 until it ends, and one stuck past ``inference_stall_exit_s`` exits the pr
 
 from __future__ import annotations
 
+import base64
 import io
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -105,3 +108,29 @@ def test_stalled_inference_drops_readiness_then_recovers_or_exits(tmp_path: Path
         assert "quality inference stuck; exiting" in srv.log()
     finally:
         srv.stop()
+
+
+def test_a_killed_json_parser_process_is_replaced(tmp_path: Path) -> None:
+    """The process that parses large JSON bodies dies (SIGKILL, as the OOM killer does): the next large body
+    is parsed by a new one, not refused until a restart."""
+    body = {"images": [{"data": base64.b64encode(FACE).decode(), "id": f"f{k}"} for k in range(2)]}
+    server = Server(env={"CRFIQA_JSON_PROCESS_BYTES": "1000"}, log=tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        url = server.url + "/v1/quality?aligned=true"
+        assert httpx.post(url, json=body, timeout=60).status_code == 200
+        children = [int(pid) for pid in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+                    .read_text().split()]
+        parsers = [pid for pid in children
+                   if b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                   and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(parsers) == 1, children
+        os.kill(parsers[0], signal.SIGKILL)
+        time.sleep(1.0)  # the pool's manager thread notices the dead process and marks the pool broken
+        for _ in range(2):
+            r = httpx.post(url, json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert [x["status"] for x in r.json()["results"]] == ["ok", "ok"]
+        assert "starting a new one" in server.log()
+    finally:
+        server.stop()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from crfiqa.service.align import ARCFACE_TEMPLATE
-from tests.helpers import REPO, SAMPLES, SHARED_MODELS, expected_channel_quality
+from tests.helpers import REPO, SAMPLES, SHARED_MODELS, expected_channel_quality, hostile_images
 
 ENV = {**os.environ, "CRFIQA_MODELS_DIR": str(SHARED_MODELS), "CRFIQA_PROVIDERS": "CPUExecutionProvider"}
 
@@ -126,12 +126,16 @@ def test_score_directory_to_csv_with_broken_file(tmp_path: Path, channel_model: 
     data.mkdir()
     shutil.copy(SAMPLES / "t1.jpg", data / "t1.jpg")
     (data / "broken.jpg").write_bytes((SAMPLES / "t1.jpg").read_bytes()[:5000])
+    for k, hostile in enumerate(hostile_images().values()):  # Pillow raises untyped errors on these
+        (data / f"hostile{k}.tif").write_bytes(hostile)
     out = tmp_path / "scores.csv"
     r = crfiqa("score", str(data), "--model", str(channel_model), "--out", str(out))
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(out.open()))
     broken = [row for row in rows if row["path"].endswith("broken.jpg")]
     assert len(broken) == 1 and broken[0]["status"] == "error" and broken[0]["error_code"] == "corrupt_image"
+    hostile = [row for row in rows if "hostile" in row["path"]]
+    assert len(hostile) == 2 and {row["error_code"] for row in hostile} <= {"unsupported_format", "corrupt_image"}
     faces = [row for row in rows if row["path"].endswith("t1.jpg")]
     assert [int(row["face"]) for row in faces] == list(range(6))
     # The channel model's output is known in closed form from the crop: check each raw against the crops

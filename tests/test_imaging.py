@@ -11,7 +11,7 @@ from PIL import Image
 
 from crfiqa.service.errors import DecodeError, LimitError
 from crfiqa.service.imaging import decode_image, list_images, read_image
-from tests.helpers import SAMPLES
+from tests.helpers import SAMPLES, hostile_images
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -58,6 +58,29 @@ def test_sixteen_bit_scaled_not_clipped() -> None:
     arr = np.full((10, 10), 32768, dtype=np.uint16)
     img = decode_image(_encode(Image.fromarray(arr), "PNG"))
     assert img.rgb.shape == (10, 10, 3) and 126 <= int(img.rgb[0, 0, 0]) <= 129
+
+
+def test_sixteen_bit_is_monotonic_whatever_the_content() -> None:
+    """A 16-bit mode is scaled by its range, not by what the image holds: 255 and 256 are both near black
+    (a content rule made 255 white and 256 black), 12-bit data in 16 bits stays dark."""
+    decoded = [int(decode_image(_encode(Image.fromarray(np.full((4, 4), v, np.uint16)), "PNG")).rgb[0, 0, 0])
+               for v in (0, 255, 256, 4095, 65535)]
+    assert decoded == sorted(decoded) and decoded[0] == 0 and decoded[-1] == 255
+    assert decoded[1] <= 2 and decoded[2] <= 2 and decoded[3] == 16
+
+
+@pytest.mark.parametrize("name", sorted(hostile_images()))
+def test_hostile_files_are_typed_errors(name: str) -> None:
+    """Pillow raises NotImplementedError, TypeError, ... on some malformed files: still a DecodeError."""
+    with pytest.raises(DecodeError) as e:
+        decode_image(hostile_images()[name])
+    assert e.value.code in ("unsupported_format", "corrupt_image")
+
+
+def test_valid_file_of_an_unsupported_format_is_refused() -> None:
+    with pytest.raises(DecodeError) as e:
+        decode_image(_encode(Image.new("RGB", (8, 8)), "DDS"))
+    assert e.value.code == "unsupported_format"
 
 
 def test_alpha_composited_on_white() -> None:

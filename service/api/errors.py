@@ -22,7 +22,7 @@ STATUS = {
     "unauthorized": 401, "not_found": 404, "method_not_allowed": 405, "request_timeout": 408,
     "body_too_large": 413, "too_many_images": 422, "too_many_faces": 413, "unsupported_media_type": 415,
     "validation_error": 422, "rate_limited": 429, "internal_error": 500,
-    "not_ready": 503, "inference_stalled": 503, "queue_full": 503, "overloaded": 503,
+    "not_ready": 503, "inference_stalled": 503, "queue_full": 503, "overloaded": 503, "parser_unavailable": 503,
 }
 #: Statuses that always carry ``Retry-After`` (seconds).
 RETRY_STATUSES = frozenset({429, 503})
@@ -39,8 +39,9 @@ DESCRIPTIONS = {
     422: "a field is invalid; the message names it (`validation_error`); more images than `maxItems` "
          "(`too_many_images`)",
     429: "this API key's rate limit is spent (`rate_limited`); retry after `Retry-After` seconds",
-    503: "not ready yet (`not_ready`), inference stalled (`inference_stalled`), queue full (`queue_full`) or "
-         "too many requests in flight (`overloaded`); retry after `Retry-After` seconds",
+    503: "not ready yet (`not_ready`), inference stalled (`inference_stalled`), queue full (`queue_full`), "
+         "too many requests in flight (`overloaded`) or the JSON parsing process died on this body "
+         "(`parser_unavailable`); retry after `Retry-After` seconds",
 }
 EXAMPLE_CODE = {401: "unauthorized", 408: "request_timeout", 413: "body_too_large", 415: "unsupported_media_type",
                 422: "validation_error", 429: "rate_limited", 503: "not_ready"}
@@ -74,7 +75,8 @@ def describe(errors: Any) -> str:
 
 
 def install(app: FastAPI) -> None:
-    """Register the handlers: typed errors, validation errors, Starlette's 404/405, anything unexpected."""
+    """Register the handlers: typed errors, validation errors, Starlette's 404/405 (anything unexpected is
+    answered by the ``Observe`` middleware, which knows the request id)."""
 
     def count(request: Request, code: str) -> None:
         service = getattr(request.app.state, "service", None)
@@ -97,12 +99,6 @@ def install(app: FastAPI) -> None:
         response = error_response(code, str(exc.detail), headers=dict(exc.headers or {}))
         response.status_code = exc.status_code
         return response
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        count(request, "internal_error")
-        return error_response("internal_error", "internal error (logged with this request's id)")
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -12,7 +12,7 @@ from crfiqa.service.api.errors import RequestError, error_response
 from crfiqa.service.api.logs import request_id
 
 log = logging.getLogger("crfiqa.api")
-ENDPOINTS = frozenset({"/v1/quality", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+ENDPOINTS = frozenset({"/v1/quality", "/v1/best", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
 #: Probes and scrapes: logged at debug, never refused by the in-flight limit.
 QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -22,6 +22,15 @@ Scope = dict[str, Any]
 def _service(scope: Scope) -> Any:
     app = scope.get("app")
     return getattr(app.state, "service", None) if app is not None else None
+
+
+async def _refuse(scope: Scope, receive: Any, send: Any, code: str, message: str) -> None:
+    """Answer with the error envelope before the app runs, counted in ``crfiqa_errors_total`` like the
+    errors the app's handlers answer."""
+    service = _service(scope)
+    if service is not None:
+        service.metrics.errors.labels(code).inc()
+    await error_response(code, message)(scope, receive, send)
 
 
 class BodyLimit:
@@ -36,8 +45,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            response = error_response("body_too_large", f"body over the limit of {self.max_bytes} bytes")
-            return await response(scope, receive, send)
+            return await _refuse(scope, receive, send, "body_too_large", f"body over the limit of {self.max_bytes} bytes")
         seen, complete = 0, False
         deadline = time.monotonic() + self.timeout_s
 
@@ -69,8 +77,8 @@ class InFlightLimit:
         if scope["type"] != "http" or scope.get("path") in QUIET:
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limit:
-            response = error_response("overloaded", f"{self.in_flight} requests in flight; the limit is {self.limit}")
-            return await response(scope, receive, send)
+            return await _refuse(scope, receive, send, "overloaded",
+                                 f"{self.in_flight} requests in flight; the limit is {self.limit}")
         self.in_flight += 1
         service = _service(scope)
         if service is not None:
@@ -100,12 +108,19 @@ class Observe:
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Answered here, not by a handler of Starlette's ServerErrorMiddleware: that one runs outside this
+            # middleware, after the request id is reset and without the X-Request-ID header.
+            log.exception("unexpected error")
+            if status.get("started"):
+                raise  # the response is under way: nothing can be answered, the server drops the connection
+            await _refuse(scope, receive, send_with_id, "internal_error", "internal error (logged with this request's id)")
         finally:
             elapsed = time.perf_counter() - t0
             path = scope.get("path", "")

@@ -9,6 +9,7 @@ import base64
 import binascii
 from collections.abc import Callable
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -101,6 +102,8 @@ async def parse_multipart(request: Request, query: Options, limit: int) -> Parse
     except CrfiqaError:
         raise  # the body limit, raised while streaming
     except Exception as exc:  # starlette raises its own errors on malformed multipart bodies
+        if "Too many files" in str(exc):  # its max_files stops the read early: the same code as the count
+            raise RequestError(f"more than {limit} images; the limit is {limit}", code="too_many_images") from exc
         raise RequestError(f"malformed multipart body: {exc}", code="validation_error") from exc
     try:
         files = form.getlist("images")
@@ -119,7 +122,7 @@ async def parse_multipart(request: Request, query: Options, limit: int) -> Parse
 
 
 async def read_request(request: Request, query: Options, limit: int,
-                       processes: Callable[[], Executor] | None = None, process_bytes: int = 1 << 20) -> Parsed:
+                       processes: Callable[[], Executor] | None, process_bytes: int) -> Parsed:
     """The request's images and options, by content type. A JSON body of ``process_bytes`` or more is parsed
     and base64-decoded in a worker process: pydantic and binascii hold the GIL, so a thread would still stall
     the event loop; a small one is parsed here, cheaper than any hand-off."""
@@ -130,7 +133,11 @@ async def read_request(request: Request, query: Options, limit: int,
         body = await request.body()
         if processes is not None and 0 < process_bytes <= len(body):
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(processes(), parse_json_decoded, body, query, limit)
+            try:
+                return await loop.run_in_executor(processes(), parse_json_decoded, body, query, limit)
+            except BrokenProcessPool as exc:  # killed (the OOM killer?) while parsing: the next call gets a new one
+                raise RequestError("the JSON parsing process exited while parsing this body; retry",
+                                   code="parser_unavailable", retry_after_s=1.0) from exc
         return parse_json(body, query, limit)
     raise RequestError(f"content type {ctype or '(none)'} not supported: use multipart/form-data or "
                        "application/json", code="unsupported_media_type")

@@ -127,6 +127,12 @@ class Service:
     def processes(self) -> ProcessPoolExecutor:
         """The worker process that parses large JSON bodies (started on first use: most deployments send
         multipart and never pay for it)."""
+        # A pool whose process died (killed, out of memory) refuses every later call: replace it. CPython sets
+        # ``_broken`` (a message) when that happens and has no public accessor for it.
+        if self._processes is not None and getattr(self._processes, "_broken", False):
+            log.warning("the JSON parsing process died; starting a new one")
+            self._processes.shutdown(wait=False, cancel_futures=True)
+            self._processes = None
         if self._processes is None:
             self._processes = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         return self._processes

@@ -90,7 +90,8 @@ async def best(request: Request, service: ServiceDep, query: Annotated[Options, 
     body is that of `POST /v1/quality`; a bad image is listed in `errors`, the others are used."""
     t0 = time.perf_counter()
     service.check_ready()
-    parsed = await read_request(request, query, service.settings.max_images_per_request, service.processes)
+    parsed = await read_request(request, query, service.settings.max_images_per_request, service.processes,
+                                service.settings.json_process_bytes)
     opts = parsed.options.model_copy(update={"components": True})
     scored = await service.score(parsed.uploads, opts)
     pending = [pair for r, p in zip(scored.results, scored.prepared) if r.ok

@@ -1,0 +1,53 @@
+"""The Observe middleware on a small ASGI app whose route raises: an unexpected exception is answered with
+the error envelope and the request's X-Request-ID, and logged with that id (the service's own routes raise
+nothing unexpected on any input the other tests send)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from crfiqa.service.api.logs import JsonFormatter
+from crfiqa.service.api.middleware import Observe
+
+
+async def _boom(request: Request) -> Response:
+    raise RuntimeError("a bug")
+
+
+def test_unexpected_error_carries_the_request_id() -> None:
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("crfiqa.api")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    # As in create_app: Observe inside Starlette's ServerErrorMiddleware, outside the exception middleware.
+    app = Starlette(routes=[Route("/boom", _boom)], middleware=[Middleware(Observe)])
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.get("/boom", headers={"X-Request-ID": "abc123"})
+
+    try:
+        r = asyncio.run(call())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert r.status_code == 500
+    assert r.headers["x-request-id"] == "abc123"
+    assert r.json()["error"]["code"] == "internal_error"
+    records = [json.loads(line) for line in lines.getvalue().splitlines()]
+    unexpected = [x for x in records if x["msg"] == "unexpected error"]
+    assert len(unexpected) == 1 and unexpected[0]["request_id"] == "abc123" and "a bug" in unexpected[0]["exc"]
+    assert any(x["msg"] == "request" and x["status"] == 500 and x["request_id"] == "abc123" for x in records)

@@ -169,6 +169,15 @@ def test_api_best_and_quality_components(tmp_path: Path) -> None:
         assert all(x["runner_up"]["id"] != x["best"]["id"] for x in ids)
         assert list(ids[0]["best"]["components"]) == list(COMPONENT_NAMES)
         assert [e["id"] for e in body["errors"]] == ["broken.jpg"] and body["errors"][0]["status"] == "error"
+        for shot in [x[role] for x in ids for role in ("best", "runner_up")]:
+            assert files[shot["image"]][1][0] == shot["id"]  # the position names the same file
+        # Browsers name every file "blob": the position still tells the two people's best shots apart.
+        blobs = [("images", ("blob", data, mime)) for _, (_, data, mime) in files[:-1]]
+        r = httpx.post(srv.url + "/v1/best", files=blobs, timeout=300)
+        assert r.status_code == 200, r.text
+        best = {x["best"]["image"] for x in r.json()["identities"]}
+        names = {files[i][1][0] for i in best}
+        assert names == {a["clean"].name, b["clean"].name}
 
         one = [("images", (a["clean"].name, a["clean"].read_bytes(), "image/png"))]
         r = httpx.post(srv.url + "/v1/quality", files=one, params={"components": "true"}, timeout=120)

@@ -22,6 +22,7 @@ from crfiqa.service.api.schemas import ComponentOut, ImageOut, ModelOut, Options
 from crfiqa.service.api.service import Service
 from crfiqa.service.bestshot import (
     DEFAULT_EMBEDDER,
+    Identity,
     create_embedder,
     default_threshold,
     embed,
@@ -39,6 +40,8 @@ class ShotOut(BaseModel):
     """One face of one image."""
 
     id: str = Field(..., description="the image's id (as in `POST /v1/quality` results)")
+    image: int = Field(..., ge=0, description="the image's position in the request (ids may repeat: "
+                                             "browsers send every file as `blob`)")
     face: int = Field(..., ge=0, description="index of the face in that image's faces")
     bbox: list[float] = Field(..., min_length=4, max_length=4, description="x1, y1, x2, y2 in image pixels")
     quality: QualityOut
@@ -81,6 +84,14 @@ def _embedder(service: Service) -> RecognitionModel:
         return adapter
 
 
+def _identity(ident: Identity, k: int, position: dict[int, int]) -> dict:
+    """An identity's JSON with each shot's image position."""
+    out = ident.to_dict(k, key="id")
+    for role, shot in zip(("best", "runner_up"), ident.shots):
+        out[role]["image"] = position[id(shot)]
+    return out
+
+
 @router.post("/v1/best", response_model=BestResponse, response_model_exclude_none=True,
              responses=errors.responses(401, 408, 413, 415, 422, 429, 503), openapi_extra=BODY_DOC,
              dependencies=[Authenticated])
@@ -94,8 +105,12 @@ async def best(request: Request, service: ServiceDep, query: Annotated[Options, 
                                 service.settings.json_process_bytes)
     opts = parsed.options.model_copy(update={"components": True})
     scored = await service.score(parsed.uploads, opts)
-    pending = [pair for r, p in zip(scored.results, scored.prepared) if r.ok
-               for pair in unembedded(r, p, r.source)]
+    pending, position = [], {}  # position: id(shot) -> the image's index in the request
+    for i, (r, p) in enumerate(zip(scored.results, scored.prepared)):
+        if r.ok:
+            for pair in unembedded(r, p, r.source):
+                pending.append(pair)
+                position[id(pair[0])] = i
     loop = asyncio.get_running_loop()
     shots = await loop.run_in_executor(service.workers, lambda: embed(_embedder(service), pending))
     threshold = default_threshold(DEFAULT_EMBEDDER)
@@ -104,6 +119,6 @@ async def best(request: Request, service: ServiceDep, query: Annotated[Options, 
     return BestResponse(
         model=ModelOut(name=q["name"], version=q["version"], provider=q["provider"]),
         embedder=EmbedderOut(name=DEFAULT_EMBEDDER, threshold=threshold),
-        identities=[IdentityOut.model_validate(ident.to_dict(k, key="id")) for k, ident in enumerate(identities)],
+        identities=[IdentityOut.model_validate(_identity(ident, k, position)) for k, ident in enumerate(identities)],
         errors=[image_out(u, r, opts.return_landmarks) for u, r in zip(parsed.uploads, scored.results) if not r.ok],
         timing_ms=round(1000.0 * (time.perf_counter() - t0), 3))

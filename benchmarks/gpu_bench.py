@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
                 chunk = group[i:i + bs]
                 dets = batched.detect_batch([im.rgb for _, im in chunk])
                 preps = [Prepared(name, im, ds, np.stack([align_face(im.rgb, f.landmarks) for f in ds])
-                                  if ds else np.zeros((0, 112, 112, 3), np.uint8)) for (name, im), ds in zip(chunk, dets)]
+                                  if ds else np.zeros((0, 112, 112, 3), np.uint8), width=im.width, height=im.height)
+                         for (name, im), ds in zip(chunk, dets)]
                 pipe.score_prepared(preps)
 
     e2e_batched = timed_rate(batched_e2e, len(paths), args.seconds)

@@ -80,7 +80,8 @@ def decode_image(
         try:
             image.load()  # GIF/TIFF/WebP animations: the first frame is the one loaded.
             fmt = image.format
-            rgb = _to_rgb8(ImageOps.exif_transpose(image))
+            ImageOps.exif_transpose(image, in_place=True)  # in place: a copy would be a third full-size buffer
+            rgb = _to_rgb8(image)
         except MemoryError:
             raise
         except Exception as exc:  # e.g. TypeError from a TIFF whose StripOffsets tag has the type ASCII

@@ -90,6 +90,14 @@ class Prepared:
     error: CrfiqaError | None = None
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     components: list[dict[str, Component]] = field(default_factory=list)  # per face, with Options.components
+    width: int = 0  # the decoded image's size (kept when ``release`` drops its pixels)
+    height: int = 0
+
+    def release(self) -> Prepared:
+        """Drop the decoded pixels (a 40 MP photo holds 120 MB), keeping what scoring and the result need:
+        crops, detections, size, error; a service holds many prepared images at once."""
+        self.image = None
+        return self
 
 
 class Pipeline:
@@ -191,6 +199,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             prepared.image = self.decode(source)
+            prepared.width, prepared.height = prepared.image.width, prepared.image.height
         except CrfiqaError as exc:
             prepared.error = exc
         prepared.timings["decode"] = time.perf_counter() - t0
@@ -236,8 +245,7 @@ class Pipeline:
                error: CrfiqaError | None = None) -> ImageResult:
         """The typed result: detections with calibrated quality (``raw`` is this image's slice; None = not
         scored); ``error`` (a failed batch) replaces the faces."""
-        image = prepared.image
-        width, height = (image.width, image.height) if image is not None else (0, 0)
+        width, height = prepared.width, prepared.height
         error = prepared.error or (error if len(prepared.detections) else None)
         if error is not None:
             return ImageResult(prepared.source, error=error, width=width, height=height)

@@ -3,6 +3,7 @@ too many faces, out-of-range options; API keys from a file, per-key metrics and 
 
 from __future__ import annotations
 
+import io
 import json
 import select
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from crfiqa.service.api.keys import key_id
 from tests.helpers import SAMPLES
@@ -259,3 +261,40 @@ def test_concurrent_abuse_leaves_the_server_healthy(server: Server) -> None:
     for t in threads:
         t.join()
     assert r.status_code == 200 and len(r.json()["results"][0]["faces"]) == 6
+
+
+def test_large_photos_are_not_all_held_at_once(tmp_path: Path) -> None:
+    """A request of many large photos: each one's pixels are released once it is prepared, so the server's
+    peak memory grows with the worker threads (2, each with up to ~3 full-size buffers while decoding), not
+    with the number of images: 12 photos held until the last was scored took 2.2 GB, 19x one image."""
+    buf = io.BytesIO()
+    Image.new("RGB", (6300, 6300), (128, 128, 128)).save(buf, "PNG")  # 131 KB of PNG, 119 MB decoded
+    n, decoded_mib = 20, 6300 * 6300 * 3 / 2**20
+    server = Server(log=tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        status = Path(f"/proc/{server.proc.pid}/status")
+
+        def rss_mib() -> float:
+            line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS"))
+            return int(line.split()[1]) / 1024
+
+        base, peak, done = rss_mib(), [0.0], threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_mib())
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        files = [("images", (f"i{k}.png", buf.getvalue(), "image/png")) for k in range(n)]
+        r = httpx.post(server.url + "/v1/quality", files=files, timeout=600)
+        done.set()
+        watcher.join()
+        assert r.status_code == 200 and len(r.json()["results"]) == n
+        assert all(x["width"] == 6300 for x in r.json()["results"])
+        growth = peak[0] - base
+        assert growth < 10 * decoded_mib, f"peak grew {growth:.0f} MiB for {n} images of {decoded_mib:.0f} MiB"
+    finally:
+        server.stop()

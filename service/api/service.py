@@ -172,16 +172,18 @@ class Service:
             return Prepared(upload.id, error=exc)
 
     def prepare(self, upload: Upload, opts: PipelineOptions) -> Prepared:
-        """The pipeline's prepare stage for one uploaded image (base64 decoded first); never raises."""
+        """The pipeline's prepare stage for one uploaded image (base64 decoded first); never raises. The
+        decoded pixels are released at once: a request's images wait for one another, and 64 large photos
+        held until the last is scored would take gigabytes."""
         source = self._source(upload)
-        return source if isinstance(source, Prepared) else self.pipeline.prepare(source, opts)
+        return source if isinstance(source, Prepared) else self.pipeline.prepare(source, opts).release()
 
     def prepare_many(self, uploads: list[Upload], opts: PipelineOptions) -> list[Prepared]:
         """The pipeline's prepare_many over a request's images (the GPU path: one detector network call per
         input shape); an upload that fails to decode keeps its typed error and its place."""
         given = [self._source(u) for u in uploads]
         sources = [s for s in given if not isinstance(s, Prepared)]
-        done = iter(self.pipeline.prepare_many(sources, opts))
+        done = iter(p.release() for p in self.pipeline.prepare_many(sources, opts))
         log.debug("batched detection", extra={"images": len(sources)})
         return [s if isinstance(s, Prepared) else next(done) for s in given]
 

@@ -152,6 +152,9 @@ def test_limits_and_validation(server: Server) -> None:
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_images"  # the schema's maxItems
     r = post_files(server, [SAMPLES / "Tom_Hanks_54745.png"] * (LIMIT_IMAGES + 5))  # past starlette's max_files
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_images"
+    # Counted before any entry is validated: invalid entries past the limit are too many, not invalid.
+    r = httpx.post(url, json={"images": [{"data": 5}] * (LIMIT_IMAGES + 1)}, headers=HEADERS)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_images", r.text
     big = [{"data": "A" * (LIMIT_BODY + 10)}]
     r = httpx.post(url, json={"images": big}, headers=HEADERS)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"

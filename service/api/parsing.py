@@ -73,10 +73,12 @@ def _check_count(n: int, limit: int) -> None:
 def parse_json(body: bytes, query: Options, limit: int) -> Parsed:
     """A JSON body: validated ``QualityRequest``; the options it sets override the query's."""
     try:
-        req = QualityRequest.model_validate_json(body)
+        req = QualityRequest.model_validate_json(body, context={"max_images": limit})
     except ValidationError as exc:
+        counted = [e for e in exc.errors() if e["type"] == "too_many_images"]
+        if counted:
+            raise RequestError(counted[0]["msg"], code="too_many_images") from exc
         raise RequestError(describe(exc.errors()), code="validation_error") from exc
-    _check_count(len(req.images), limit)
     opts = query.model_copy(update={k: getattr(req, k) for k in Options.model_fields if k in req.model_fields_set})
     uploads = [Upload(img.id if img.id is not None else f"image{i}", img.data) for i, img in enumerate(req.images)]
     return Parsed(uploads, opts)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 #: A 112x112 grey PNG, base64: the smallest valid aligned face for examples.
 EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAHAAAABwCAAAAADji6uXAAAASElEQVR42u3NMREAAAgEoNfkRreF5wAFqMmtjlAoFAqF"
@@ -64,6 +65,17 @@ class QualityRequest(Options):
 
     images: list[ImageIn] = Field(..., min_length=1, description="images to score (at most the server's "
                                                                  "CRFIQA_MAX_IMAGES_PER_REQUEST: `maxItems`)")
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _count_first(cls, images: object, info: ValidationInfo) -> object:
+        """Refuse more images than the context's ``max_images`` before validating any of them: a body of a
+        million tiny entries would otherwise be validated whole (seconds, hundreds of MB) to be refused."""
+        limit = (info.context or {}).get("max_images")
+        if limit is not None and isinstance(images, list) and len(images) > limit:
+            raise PydanticCustomError("too_many_images", "{n} images; the limit is {limit}",
+                                      {"n": len(images), "limit": limit})
+        return images
 
 
 class ErrorOut(BaseModel):

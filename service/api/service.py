@@ -9,6 +9,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from crfiqa.service.api.keys import KeyStore, RateLimiter
 from crfiqa.service.api.metrics import Metrics
 from crfiqa.service.api.parsing import Upload, decode_data
 from crfiqa.service.api.schemas import Options
+from crfiqa.service.bestshot import DEFAULT_EMBEDDER, create_embedder
 from crfiqa.service.errors import CrfiqaError
+from crfiqa.service.facemodel import RecognitionModel
 from crfiqa.service.pipeline import Options as PipelineOptions
 from crfiqa.service.pipeline import Pipeline, Prepared
 from crfiqa.service.results import ImageResult
@@ -60,6 +63,8 @@ class Service:
         self.warmed = False
         self.stalled = False
         self._processes: ProcessPoolExecutor | None = None
+        self._embedder: RecognitionModel | None = None
+        self._embedder_lock = threading.Lock()
 
     @property
     def ready(self) -> bool:
@@ -136,6 +141,14 @@ class Service:
         if self._processes is None:
             self._processes = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         return self._processes
+
+    def embedder(self) -> RecognitionModel:
+        """The recognition adapter that groups ``/v1/best`` faces (verified and opened on first use: most
+        deployments never call that endpoint)."""
+        with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder, _ = create_embedder(self.pipeline, DEFAULT_EMBEDDER)
+            return self._embedder
 
     def close(self) -> None:
         """Stop the pools (after the batcher has stopped)."""

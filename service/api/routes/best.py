@@ -7,7 +7,6 @@ recognition adapter on the same aligned crops, and ``bestshot.group`` forms the 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Annotated
 
@@ -19,21 +18,16 @@ from crfiqa.service.api.deps import Authenticated, ServiceDep
 from crfiqa.service.api.parsing import BODY_DOC, read_request
 from crfiqa.service.api.routes.quality import image_out
 from crfiqa.service.api.schemas import ComponentOut, ImageOut, ModelOut, Options, QualityOut
-from crfiqa.service.api.service import Service
 from crfiqa.service.bestshot import (
     DEFAULT_EMBEDDER,
     Identity,
-    create_embedder,
     default_threshold,
     embed,
     group,
     unembedded,
 )
-from crfiqa.service.facemodel import RecognitionModel
 
 router = APIRouter(tags=["best"])
-_embedders: dict[int, RecognitionModel] = {}  # one recognition session per Service, opened on first use
-_lock = threading.Lock()
 
 
 class ShotOut(BaseModel):
@@ -74,16 +68,6 @@ class BestResponse(BaseModel):
     timing_ms: float = Field(..., ge=0, description="wall-clock milliseconds of the whole request")
 
 
-def _embedder(service: Service) -> RecognitionModel:
-    """The Service's recognition adapter (verified and opened once)."""
-    with _lock:
-        adapter = _embedders.get(id(service))
-        if adapter is None:
-            adapter, _ = create_embedder(service.pipeline, DEFAULT_EMBEDDER)
-            _embedders[id(service)] = adapter
-        return adapter
-
-
 def _identity(ident: Identity, k: int, position: dict[int, int]) -> dict:
     """An identity's JSON with each shot's image position."""
     out = ident.to_dict(k, key="id")
@@ -112,7 +96,7 @@ async def best(request: Request, service: ServiceDep, query: Annotated[Options, 
                 pending.append(pair)
                 position[id(pair[0])] = i
     loop = asyncio.get_running_loop()
-    shots = await loop.run_in_executor(service.workers, lambda: embed(_embedder(service), pending))
+    shots = await loop.run_in_executor(service.workers, lambda: embed(service.embedder(), pending))
     threshold = default_threshold(DEFAULT_EMBEDDER)
     identities = group(shots, threshold)
     q = service.pipeline.models()["quality"]

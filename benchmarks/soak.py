@@ -25,15 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from crfiqa.service.imaging import list_images  # noqa: E402
-from tests.server import Server  # noqa: E402
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process, MiB (from /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+from tests.server import Server, rss_mib  # noqa: E402
 
 
 def open_fds(pid: int) -> int:
@@ -72,9 +64,9 @@ async def run(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds
     async def sampler() -> None:
         t0 = time.monotonic()
         while time.monotonic() < stop:
-            samples.append((time.monotonic() - t0, rss_mb(pid), open_fds(pid), done))
+            samples.append((time.monotonic() - t0, rss_mib(pid), open_fds(pid), done))
             await asyncio.sleep(every_s)
-        samples.append((time.monotonic() - t0, rss_mb(pid), open_fds(pid), done))
+        samples.append((time.monotonic() - t0, rss_mib(pid), open_fds(pid), done))
 
     await asyncio.gather(sampler(), *(client(i) for i in range(clients)))
     return samples, done, errors

@@ -22,6 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process, MiB (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
 class Server:
     """A ``crfiqa serve`` subprocess; ``url`` is its base URL."""
 

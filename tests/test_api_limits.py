@@ -18,7 +18,7 @@ from PIL import Image
 
 from crfiqa.service.api.keys import key_id
 from tests.helpers import SAMPLES
-from tests.server import Server
+from tests.server import Server, rss_mib
 from tests.test_api import metric
 
 BODY_LIMIT = 2_000_000
@@ -273,17 +273,12 @@ def test_large_photos_are_not_all_held_at_once(tmp_path: Path) -> None:
     server = Server(log=tmp_path / "server.log")
     try:
         server.wait_ready()
-        status = Path(f"/proc/{server.proc.pid}/status")
-
-        def rss_mib() -> float:
-            line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS"))
-            return int(line.split()[1]) / 1024
-
-        base, peak, done = rss_mib(), [0.0], threading.Event()
+        pid = server.proc.pid
+        base, peak, done = rss_mib(pid), [0.0], threading.Event()
 
         def watch() -> None:
             while not done.is_set():
-                peak[0] = max(peak[0], rss_mib())
+                peak[0] = max(peak[0], rss_mib(pid))
                 time.sleep(0.02)
 
         watcher = threading.Thread(target=watch)

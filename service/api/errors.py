@@ -3,7 +3,6 @@ exception handlers, and the OpenAPI description of every error response."""
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -14,8 +13,6 @@ from starlette.exceptions import HTTPException
 
 from crfiqa.service.api.schemas import ErrorResponse
 from crfiqa.service.errors import CrfiqaError
-
-log = logging.getLogger("crfiqa.api")
 
 #: HTTP status of each whole-request error code; per-image errors stay inside a 200 response.
 STATUS = {

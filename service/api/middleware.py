@@ -25,8 +25,8 @@ def _service(scope: Scope) -> Any:
 
 
 async def _refuse(scope: Scope, receive: Any, send: Any, code: str, message: str) -> None:
-    """Answer with the error envelope before the app runs, counted in ``crfiqa_errors_total`` like the
-    errors the app's handlers answer."""
+    """Answer with the error envelope in the app's place (it did not run, or failed before answering),
+    counted in ``crfiqa_errors_total`` like the errors the app's handlers answer."""
     service = _service(scope)
     if service is not None:
         service.metrics.errors.labels(code).inc()

@@ -19,7 +19,7 @@ import numpy as np
 
 from crfiqa.service.errors import CrfiqaError, DecodeError
 from crfiqa.service.facemodel import RecognitionModel
-from crfiqa.service.imaging import IMAGE_EXTENSIONS, DecodedImage, walk_files
+from crfiqa.service.imaging import IMAGE_EXTENSIONS, DecodedImage, list_images
 from crfiqa.service.pipeline import Options, Pipeline, Prepared, Source
 from crfiqa.service.registry import resolve
 from crfiqa.service.results import Component, ImageResult, Quality
@@ -90,15 +90,12 @@ def create_embedder(pipe: Pipeline, name: str = DEFAULT_EMBEDDER) -> tuple[Recog
 
 def expand(paths: Iterable[str | Path], every: int = 1) -> Iterator[tuple[str, int | None, Source | CrfiqaError]]:
     """(path, frame, source) for every image file and every ``every``-th frame of every video under ``paths``
-    (folders recursively); a video that cannot be opened yields its error instead of a source."""
-    for p in map(Path, paths):
-        files = ([q for q in walk_files(p) if q.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS]
-                 if p.is_dir() else [p])
-        for f in files:
-            if f.suffix.lower() in VIDEO_EXTENSIONS:
-                yield from _video_frames(f, every)
-            else:
-                yield str(f), None, f
+    (folders recursively, each file once); a video that cannot be opened yields its error instead of a source."""
+    for f in list_images(paths, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS):
+        if f.suffix.lower() in VIDEO_EXTENSIONS:
+            yield from _video_frames(f, every)
+        else:
+            yield str(f), None, f
 
 
 def _video_frames(path: Path, every: int) -> Iterator[tuple[str, int | None, Source | CrfiqaError]]:

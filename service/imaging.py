@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections import Counter
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,15 +147,17 @@ def walk_files(root: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def list_images(paths: list[str | Path]) -> list[Path]:
-    """Expand files and directories (recursively, image extensions only) into a sorted, de-duplicated list."""
+def list_images(paths: Iterable[str | Path], extensions: Collection[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Expand files and directories (recursively, ``extensions`` only; named files whatever their suffix) into
+    a list in argument order, each folder sorted, each file once (``a.jpg a.jpg``, ``dir dir/a.jpg``)."""
     out: list[Path] = []
-    seen: set[Path] = set()
+    seen: set[str] = set()
     for p in map(Path, paths):
-        found = [q for q in walk_files(p) if q.suffix.lower() in IMAGE_EXTENSIONS] if p.is_dir() else [p]
+        found = [q for q in walk_files(p) if q.suffix.lower() in extensions] if p.is_dir() else [p]
         for q in found:
-            if q not in seen:
-                seen.add(q)
+            key = os.path.abspath(q)  # a.jpg and ./a.jpg are one file; two links stay two names, as listed
+            if key not in seen:
+                seen.add(key)
                 out.append(q)
     return out
 
@@ -168,7 +172,17 @@ def mirror_paths(paths: list[Path]) -> list[Path]:
     common = Path(os.path.commonpath([p.parent for p in absolute]))
     rel = [p.relative_to(common) for p in absolute]
     stems = [r.with_suffix("") for r in rel]
-    counts: dict[Path, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    return [s if counts[s] == 1 else r for s, r in zip(stems, rel)]
+    counts = Counter(stem for stem, _ in set(zip(stems, absolute)))  # distinct files: one named twice is one
+    named = [s if counts[s] == 1 else r for s, r in zip(stems, rel)]
+    # A kept suffix can still meet another input's stem (x.jpg, x.png and x.jpg.png): number the later ones.
+    # The same file named twice keeps one name (its outputs are the same).
+    taken: dict[Path, Path] = {}
+    out = []
+    for path, name in zip(absolute, named):
+        candidate, k = name, 1
+        while taken.get(candidate, path) != path:
+            k += 1
+            candidate = name.with_name(f"{name.name}~{k}")
+        taken[candidate] = path
+        out.append(candidate)
+    return out

@@ -123,8 +123,10 @@ def test_cli_best_on_files_and_video_with_a_bad_input(tmp_path: Path) -> None:
     frames, clean = video_frames()
     write_video(tmp_path / "v.mp4", frames)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    # The folder, one of its files again and the video twice: every file counts once.
     r = subprocess.run([sys.executable, "-m", "crfiqa.cli", "best", str(tmp_path / "a"), str(tmp_path / "v.mp4"),
-                        str(tmp_path / "broken.jpg"), "--every", "1", "--quiet"],
+                        str(a["clean"]), str(tmp_path / "broken.jpg"), str(tmp_path / "." / "v.mp4"),
+                        "--every", "1", "--quiet"],
                        capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]

@@ -50,18 +50,20 @@ def test_align_writes_crops(tmp_path: Path) -> None:
 
 
 def test_align_keeps_same_named_inputs_apart(tmp_path: Path) -> None:
-    """a/img.jpg and b/img.png (and a/img.png beside a/img.jpg) never overwrite each other's crops."""
-    for rel in ("a/img.jpg", "b/img.png", "a/img.png"):
+    """a/img.jpg and b/img.png (and a/img.png beside a/img.jpg, and a/img.jpg.png) never overwrite each other's
+    crops; a file named twice is aligned once."""
+    for rel in ("a/img.jpg", "b/img.png", "a/img.png", "a/img.jpg.png"):
         (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(SAMPLES / "t1.jpg", tmp_path / "in" / rel)
     out = tmp_path / "out"
     r = crfiqa("align", str(tmp_path / "in" / "a" / "img.jpg"), str(tmp_path / "in" / "b" / "img.png"),
-               str(tmp_path / "in" / "a" / "img.png"), "--out", str(out), "--max-faces", "1")
+               str(tmp_path / "in" / "a" / "img.png"), str(tmp_path / "in" / "a" / "img.jpg.png"),
+               str(tmp_path / "in" / "a" / ".." / "a" / "img.jpg"), "--out", str(out), "--max-faces", "1")
     assert r.returncode == 0, r.stderr
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
-    assert written == ["a/img.jpg_0.png", "a/img.png_0.png", "b/img_0.png"]
-    assert [res["crops"] for res in lines(r.stdout)] == [[str(out / w)] for w in
-                                                         ("a/img.jpg_0.png", "b/img_0.png", "a/img.png_0.png")]
+    assert written == ["a/img.jpg_0.png", "a/img.jpg~2_0.png", "a/img.png_0.png", "b/img_0.png"]
+    assert [res["crops"] for res in lines(r.stdout)] == [
+        [str(out / w)] for w in ("a/img.jpg_0.png", "b/img_0.png", "a/img.png_0.png", "a/img.jpg~2_0.png")]
 
 
 def _calibrated(raw: float) -> float:

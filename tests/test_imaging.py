@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from crfiqa.service.errors import DecodeError, LimitError
-from crfiqa.service.imaging import decode_image, list_images, read_image
+from crfiqa.service.imaging import decode_image, list_images, mirror_paths, read_image
 from tests.helpers import SAMPLES, hostile_images
 
 
@@ -146,6 +146,23 @@ def test_list_images_recurses_and_filters(tmp_path) -> None:
         (tmp_path / name).write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path])]
     assert found == ["a/b/y.PNG", "a/x.jpg", "z.webp"]
+
+
+def test_list_images_names_each_file_once_in_argument_order(tmp_path) -> None:
+    (tmp_path / "d").mkdir()
+    for name in ["d/b.jpg", "d/a.jpg", "c.jpg"]:
+        (tmp_path / name).write_bytes(b"x")
+    found = list_images([tmp_path / "c.jpg", tmp_path / "d", tmp_path / "d" / "a.jpg", tmp_path / "." / "c.jpg"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["c.jpg", "d/a.jpg", "d/b.jpg"]
+
+
+def test_mirror_paths_never_give_two_files_one_name(tmp_path) -> None:
+    names = ["a/x.jpg", "a/x.png", "a/x.jpg.png", "a/x.jpg~2", "b/y.jpg", "b/y.jpg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    out = [p.as_posix() for p in mirror_paths([tmp_path / n for n in names])]
+    assert out == ["a/x.jpg", "a/x.png", "a/x.jpg~2", "a/x.jpg~2~2", "b/y", "b/y"]
 
 
 def test_linked_identity_folders_are_followed_once(tmp_path) -> None:

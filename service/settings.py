@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     limit_concurrency: int = Field(256, gt=0, description="most requests in flight; more get 503 + Retry-After")
     header_timeout_s: float = Field(10.0, gt=0, description="a client must send its request headers within this")
     body_timeout_s: float = Field(60.0, gt=0, description="a client must send its whole request body within this")
+    body_min_rate: int = Field(16384, ge=0, description="after body_grace_s, the body must have arrived at this "
+                               "many bytes/s on average, so slow uploads do not hold in-flight slots (0 = off)")
+    body_grace_s: float = Field(5.0, gt=0, description="time a body may take before body_min_rate applies")
     keep_alive_s: int = Field(5, gt=0, description="idle keep-alive connections are closed after this")
     inference_timeout_s: float = Field(30.0, gt=0, description="a batch running longer marks the service not ready")
     inference_stall_exit_s: float = Field(300.0, ge=0, description="a batch stuck this long exits the process "

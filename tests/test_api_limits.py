@@ -23,7 +23,9 @@ from tests.test_api import metric
 
 BODY_LIMIT = 2_000_000
 HEADER_TIMEOUT = 1.0
-BODY_TIMEOUT = 3.0
+BODY_TIMEOUT = 4.0
+BODY_GRACE = 1.5
+BODY_MIN_RATE = 2000  # bytes/s
 IN_FLIGHT = 4
 QUEUE = 8  # faces
 BURST = 20
@@ -43,6 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, keys_file: Path):
     log = tmp_path_factory.mktemp("limits") / "server.log"
     srv = Server(env={"CRFIQA_API_KEYS_FILE": str(keys_file), "CRFIQA_MAX_BODY_BYTES": str(BODY_LIMIT),
                       "CRFIQA_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT), "CRFIQA_BODY_TIMEOUT_S": str(BODY_TIMEOUT),
+                      "CRFIQA_BODY_GRACE_S": str(BODY_GRACE), "CRFIQA_BODY_MIN_RATE": str(BODY_MIN_RATE),
                       "CRFIQA_LIMIT_CONCURRENCY": str(IN_FLIGHT), "CRFIQA_MAX_QUEUE_SIZE": str(QUEUE),
                       "CRFIQA_RATE_LIMIT_PER_S": str(RATE), "CRFIQA_RATE_LIMIT_BURST": str(BURST),
                       "CRFIQA_CORS_ORIGINS": ORIGIN, "CRFIQA_WARMUP_ROUNDS": "1"}, log=log)
@@ -135,13 +138,39 @@ def test_slow_headers_time_out(server: Server) -> None:
     assert HEADER_TIMEOUT - 0.2 < time.monotonic() - t0 < HEADER_TIMEOUT + 3
 
 
+def trickle(server: Server, length: int, rate: float, chunk: int = 200) -> tuple[int, str, float]:
+    """Send a JSON body of ``length`` bytes (whitespace, then an empty request) at ``rate`` bytes/s until the
+    server answers; its status, error message and the seconds it took."""
+    sock = connect(server)
+    sock.sendall(request_head("/v1/quality", f"Content-Type: application/json\r\nContent-Length: {length}\r\n"))
+    payload = b" " * (length - len(b'{"images": []}')) + b'{"images": []}'
+    t0 = time.monotonic()
+    try:
+        for k in range(0, length, chunk):
+            sock.sendall(payload[k:k + chunk])
+            if select.select([sock], [], [], chunk / rate)[0]:  # answered: stop sending
+                break
+        status, _, body = read_response(sock, timeout=BODY_TIMEOUT + 10)
+        return status, json.loads(body)["error"]["message"], time.monotonic() - t0
+    finally:
+        sock.close()
+
+
 def test_slow_body_times_out(server: Server) -> None:
+    """A body that stops arriving is cut after the grace; one that trickles below the minimum rate soon after;
+    one at twice the rate may take past the grace and is only cut at the body timeout."""
     sock = connect(server)
     sock.sendall(request_head("/v1/quality", "Content-Type: application/json\r\nContent-Length: 1000\r\n") + b"{")
     t0 = time.monotonic()
     status, _, body = read_response(sock, timeout=BODY_TIMEOUT + 10)
     assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
-    assert BODY_TIMEOUT - 0.5 < time.monotonic() - t0 < BODY_TIMEOUT + 5 and closed_by_server(sock)
+    assert BODY_GRACE - 0.3 < time.monotonic() - t0 < BODY_GRACE + 2 and closed_by_server(sock)
+    status, message, took = trickle(server, 4000, rate=BODY_MIN_RATE / 4)
+    assert status == 408 and "slower than" in message and BODY_GRACE < took < BODY_GRACE + 2.5
+    status, message, took = trickle(server, 6000, rate=BODY_MIN_RATE * 2)  # 1.5 s: done within the grace + rate
+    assert status == 422 and took > BODY_GRACE - 0.3, (status, message)
+    status, message, took = trickle(server, 40_000, rate=BODY_MIN_RATE * 4, chunk=800)  # 5 s > BODY_TIMEOUT
+    assert status == 408 and "within" in message and BODY_TIMEOUT - 0.5 < took < BODY_TIMEOUT + 3
 
 
 def test_more_requests_in_flight_than_the_limit_get_503(server: Server) -> None:
@@ -150,7 +179,10 @@ def test_more_requests_in_flight_than_the_limit_get_503(server: Server) -> None:
     holders = []
     for _ in range(IN_FLIGHT):
         s = connect(server)
-        s.sendall(request_head("/v1/quality", "Content-Type: application/json\r\nContent-Length: 1000\r\n"))
+        # 8,000 of 100,000 bytes at once: that buys past BODY_TIMEOUT at the minimum rate, so the slot is held
+        # until the body timeout (a slow upload's worst case), not just the grace.
+        s.sendall(request_head("/v1/quality", "Content-Type: application/json\r\nContent-Length: 100000\r\n")
+                  + b" " * 8000)
         holders.append(s)
     deadline = time.monotonic() + 20
     while metric(server, "crfiqa_requests_in_flight") < IN_FLIGHT:  # /metrics is never refused

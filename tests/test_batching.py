@@ -124,3 +124,33 @@ def test_without_a_delay_what_is_already_queued_still_joins_the_batch() -> None:
             return sizes
 
     assert asyncio.run(main()) == [1, 5]
+
+
+def test_stop_gives_up_on_a_stuck_batch_and_answers_every_request() -> None:
+    """A batch that never returns holds neither ``stop`` (past its timeout) nor the requests behind it."""
+    from crfiqa.service.errors import InferenceError
+
+    release = threading.Event()
+
+    def fn(crops: np.ndarray) -> np.ndarray:
+        release.wait(10)
+        return _values(crops)
+
+    async def main() -> tuple[float, list]:
+        pool = ThreadPoolExecutor(1)
+        b = DynamicBatcher(fn, pool, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8, concurrency=1)
+        b.start()
+        futures = [asyncio.ensure_future(b.submit(np.full((1, 2, 2, 3), k, np.uint8))) for k in range(3)]
+        await asyncio.sleep(0.1)  # one batch stuck in fn, one forming or queued behind it
+        t0 = time.monotonic()
+        await b.stop(timeout_s=0.3)
+        took = time.monotonic() - t0
+        out = await asyncio.gather(*futures, return_exceptions=True)
+        assert b.stall_s() > 0  # the thread still runs: stop answered its request without it
+        release.set()
+        pool.shutdown(wait=True)
+        return took, out
+
+    took, out = asyncio.run(main())
+    assert 0.3 <= took < 2.0
+    assert all(isinstance(e, InferenceError) and "stopped" in e.message for e in out), out

@@ -51,13 +51,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loop.remove_signal_handler(signal.SIGHUP)
         for task in tasks:
             task.cancel()
-        await service.batcher.stop()
+        await service.batcher.stop(timeout_s=settings.inference_timeout_s)  # a stuck batch: give up, answered
         service.close()
         log.info("stopped")
 
     app = FastAPI(title="crfiqa", version=_version(), lifespan=lifespan, description=DESCRIPTION)
     # Added innermost first: Observe sees every response, including the limits' refusals.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       min_rate=settings.body_min_rate, grace_s=settings.body_grace_s)
     if settings.cors_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_list, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],

@@ -72,27 +72,36 @@ class DynamicBatcher:
     def restart(self) -> None:
         """Start a new collector after the old one ended unexpectedly; the requests it held fail (typed).
         Batches still running answer their own requests and free their own slots."""
-        error = InferenceError("the inference worker stopped and was restarted; retry the request")
-        items = [*self._forming, *([self._carry] if self._carry is not None else [])]
+        items = [*self._forming, *([self._carry] if self._carry is not None else []), *self._drain()]
         self._forming = []
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        for it in items:
-            if not it.future.done():
-                it.future.set_exception(error)
-            self.pending -= len(it.crops)
+        _fail(items, InferenceError("the inference worker stopped and was restarted; retry the request"))
+        self.pending -= sum(len(it.crops) for it in items)
         self._carry = None
         self.on_depth(self.pending)
         self.start()  # fresh slots: a slot the dead collector held is not lost
 
-    async def stop(self) -> None:
-        """Answer what is queued, then stop the collector."""
-        while self.pending and self._task is not None and not self._task.done():
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Answer what is queued, waiting at most ``timeout_s``, then stop the collector. Requests still
+        waiting then (behind a batch stuck in the model, say) fail, typed, instead of holding shutdown."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.pending and self.alive and (deadline is None or time.monotonic() < deadline):
             await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [*([self._task] if self._task is not None else []), *self._batches]
+        for task in tasks:
+            task.cancel()  # a running batch's thread cannot be stopped; its requests are answered now
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        left = [*self._forming, *([self._carry] if self._carry is not None else []), *self._drain()]
+        self._forming, self._carry = [], None
+        _fail(left, _stopped())
+
+    def _drain(self) -> list[_Item]:
+        """Take every item out of the queue."""
+        items = []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        return items
 
     async def submit(self, crops: np.ndarray) -> np.ndarray:
         """Values for ``crops`` [N,...] once their batch has run; raises ``QueueFullError`` when full."""
@@ -179,10 +188,11 @@ class DynamicBatcher:
                     if not it.future.done():
                         it.future.set_result(values[offset:offset + n])
                     offset += n
+        except asyncio.CancelledError:
+            _fail(live, _stopped())
+            raise
         except Exception as exc:
-            for it in live:
-                if not it.future.done():
-                    it.future.set_exception(exc)
+            _fail(live, exc)
         finally:
             self.pending -= size
             self.on_depth(self.pending)
@@ -198,3 +208,15 @@ class DynamicBatcher:
             return np.concatenate([self.fn(batch[i:i + step]) for i in range(0, len(batch), step)])
         finally:
             self._started.pop(key, None)
+
+
+def _fail(items: list[_Item], error: BaseException) -> None:
+    """Answer every item not yet answered with ``error``."""
+    for it in items:
+        if not it.future.done():
+            it.future.set_exception(error)
+
+
+def _stopped() -> InferenceError:
+    """The error of a request that ``stop`` answered before its batch ran or returned."""
+    return InferenceError("the service stopped before this image's batch was answered; retry the request")

@@ -35,10 +35,14 @@ async def _refuse(scope: Scope, receive: Any, send: Any, code: str, message: str
 
 class BodyLimit:
     """Refuse bodies over ``max_bytes`` (at once by Content-Length, else while streaming, so the read stops
-    there) and bodies that take longer than ``timeout_s`` to arrive (408)."""
+    there), and bodies that take longer than ``timeout_s`` to arrive or, after ``grace_s``, arrive slower
+    than ``min_rate`` bytes/s on average (408): a trickling upload would otherwise hold an in-flight slot
+    for the whole ``timeout_s`` (Apache's mod_reqtimeout ``MinRate`` rule: each ``min_rate`` bytes received
+    buy one more second)."""
 
-    def __init__(self, app: Any, max_bytes: int, timeout_s: float) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float, min_rate: int = 0, grace_s: float = 5.0) -> None:
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+        self.min_rate, self.grace_s = min_rate, grace_s
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -47,17 +51,20 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await _refuse(scope, receive, send, "body_too_large", f"body over the limit of {self.max_bytes} bytes")
         seen, complete = 0, False
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
 
         async def limited() -> dict:
             nonlocal seen, complete
             if complete:  # the body is in: later receives only wait for a disconnect, without a deadline
                 return await receive()
+            deadline, why = start + self.timeout_s, f"request body not received within {self.timeout_s:g} s"
+            if self.min_rate and start + self.grace_s + seen / self.min_rate < deadline:
+                deadline = start + self.grace_s + seen / self.min_rate
+                why = f"request body arriving slower than {self.min_rate} bytes/s"
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise RequestError(f"request body not received within {self.timeout_s:g} s",
-                                   code="request_timeout") from None
+                raise RequestError(why, code="request_timeout") from None
             seen += len(message.get("body", b""))
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             if seen > self.max_bytes:

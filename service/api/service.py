@@ -151,9 +151,13 @@ class Service:
             return self._embedder
 
     def close(self) -> None:
-        """Stop the pools (after the batcher has stopped)."""
+        """Stop the pools (after the batcher has stopped); a batch still running in its thread is not waited for
+        (its requests were answered), so a stuck model call does not hold the shutdown here."""
+        stuck = self.batcher.stall_s() > 0
+        if stuck:
+            log.warning("stopping with an inference call still running", extra={"stall_s": self.batcher.stall_s()})
         self.workers.shutdown(wait=True)
-        self.inference.shutdown(wait=True)
+        self.inference.shutdown(wait=not stuck, cancel_futures=True)
         if self._processes is not None:
             self._processes.shutdown(wait=True, cancel_futures=True)
 

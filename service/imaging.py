@@ -104,24 +104,31 @@ def read_image(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels:
     return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
 
 
+#: 16-bit value -> 8-bit value, rounded: (v * 255 / 65535) to the nearest integer.
+_SIXTEEN_BIT = np.floor(np.arange(65536, dtype=np.float64) * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """HxW uint8 -> HxWx3 (contiguous)."""
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
 def _to_rgb8(image: Image.Image) -> np.ndarray:
     """Normalise any Pillow mode (grayscale, palette, 16-bit, alpha, CMYK) to HxWx3 uint8 RGB."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if image.mode.startswith("I;16"):
         # Pillow's own convert("L") clips 16-bit values at 255; scale the full range instead. A 16-bit mode
-        # says its range (0-65535, so the mapping is monotonic whatever the content); 32-bit "I" and "F"
-        # do not, and are read as 8-bit when they fit, as 16-bit otherwise, "F" in 0-1 as unit floats.
+        # says its range (0-65535, so the mapping is monotonic whatever the content). A table lookup reads
+        # the pixels once into 8 bits, without a float copy of the photo.
+        return _gray_to_rgb(_SIXTEEN_BIT[np.asarray(image)])
+    if image.mode in ("I", "F"):
+        # 32-bit "I" and "F" do not say their range: read as 8-bit when they fit, as 16-bit otherwise, "F" in
+        # 0-1 as unit floats.
         arr = np.array(image, dtype=np.float32)  # a writable copy: scaled in place below
         peak = arr.max(initial=0)
-        if image.mode.startswith("I;16"):
-            top = 65535.0
-        elif image.mode == "F" and peak <= 1.0:
-            top = 1.0
-        else:
-            top = 65535.0 if peak > 255 else 255.0
+        top = 1.0 if image.mode == "F" and peak <= 1.0 else 65535.0 if peak > 255 else 255.0
         arr *= 255.0 / top
         arr += 0.5
-        gray = np.clip(arr, 0, 255, out=arr).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+        return _gray_to_rgb(np.clip(arr, 0, 255, out=arr).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels hold arbitrary colours: composite onto white rather than expose them.
         rgba = image.convert("RGBA")

@@ -69,6 +69,24 @@ def test_sixteen_bit_is_monotonic_whatever_the_content() -> None:
     assert decoded[1] <= 2 and decoded[2] <= 2 and decoded[3] == 16
 
 
+def test_sixteen_bit_decode_holds_no_float_copy() -> None:
+    """16-bit pixels go to 8 bits by table lookup: at peak the arrays held are the 16-bit read and the output
+    (a float32 copy of the photo doubled that peak)."""
+    import tracemalloc
+
+    arr = np.random.default_rng(0).integers(0, 65536, (1500, 1500)).astype(np.uint16)
+    data = _encode(Image.fromarray(arr), "PNG")
+    tracemalloc.start()
+    try:
+        img = decode_image(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    want = np.floor(arr.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    assert np.array_equal(img.rgb[..., 0], want) and np.array_equal(img.rgb[..., 2], want)
+    assert peak < 1.6 * img.rgb.nbytes, peak / img.rgb.nbytes
+
+
 @pytest.mark.parametrize("name", sorted(hostile_images()))
 def test_hostile_files_are_typed_errors(name: str) -> None:
     """Pillow raises NotImplementedError, TypeError, ... on some malformed files: still a DecodeError."""

@@ -134,3 +134,48 @@ def test_a_killed_json_parser_process_is_replaced(tmp_path: Path) -> None:
         assert "starting a new one" in server.log()
     finally:
         server.stop()
+
+
+def test_sigterm_ends_the_process_past_a_stuck_batch_and_during_warm_up(tmp_path: Path) -> None:
+    """SIGTERM with a batch stuck in the model (minutes of it, no stall exit) ends the process within the drain
+    and inference timeouts, not when the model returns; SIGTERM during a long warm-up ends it at once."""
+    model = build_stalling_model(tmp_path / "stalls_on_white.onnx", iterations_per_hit=2_000_000)
+    srv = Server(env={"CRFIQA_QUALITY_MODEL": str(model), "CRFIQA_WARMUP_ROUNDS": "1",
+                      "CRFIQA_INFERENCE_TIMEOUT_S": "1", "CRFIQA_GRACEFUL_TIMEOUT_S": "1",
+                      "CRFIQA_INFERENCE_STALL_EXIT_S": "0"}, log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+        answer: list = []
+
+        def send() -> None:
+            try:
+                answer.append(post(srv, [(f"w{i}.png", WHITE) for i in range(4)]).status_code)
+            except httpx.HTTPError as exc:
+                answer.append(exc)
+
+        stuck = threading.Thread(target=send)
+        stuck.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(srv.url + "/readyz").status_code != 503:  # the batch is in the model
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its shutdown
+        assert time.monotonic() - t0 < 20, srv.log()
+        assert "stopping with an inference call still running" in srv.log()
+        stuck.join(30)
+        # Cancelled by uvicorn at the drain's end: its plain 500, or the connection closed under it.
+        assert answer and (answer[0] == 500 or isinstance(answer[0], httpx.HTTPError)), answer
+    finally:
+        srv.stop()
+    warming = Server(env={"CRFIQA_WARMUP_ROUNDS": "100000"}, log=tmp_path / "log2")
+    try:
+        warming.wait_up()
+        time.sleep(1.0)
+        assert httpx.get(warming.url + "/readyz").status_code == 503
+        t0 = time.monotonic()
+        warming.proc.send_signal(signal.SIGTERM)
+        assert warming.proc.wait(30) in (0, -signal.SIGTERM) and time.monotonic() - t0 < 10, warming.log()
+    finally:
+        warming.stop()

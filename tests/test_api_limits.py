@@ -129,8 +129,9 @@ def test_slow_headers_time_out(server: Server) -> None:
         sock.sendall(bytes([byte]))
         if select.select([sock], [], [], 0.1)[0]:  # the server answered: stop sending
             break
-    status, _, body = read_response(sock)
+    status, headers, body = read_response(sock)
     assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert len(headers["x-request-id"]) == 32  # every response carries an id, the hand-written one too
     assert time.monotonic() - t0 < HEADER_TIMEOUT + 3 and closed_by_server(sock)
     idle = connect(server)
     t0 = time.monotonic()
@@ -173,6 +174,29 @@ def test_slow_body_times_out(server: Server) -> None:
     assert status == 408 and "within" in message and BODY_TIMEOUT - 0.5 < took < BODY_TIMEOUT + 3
 
 
+def test_a_client_gone_mid_upload_is_no_error(server: Server) -> None:
+    """A client that closes while its JSON or multipart body is arriving is counted as 499 (nginx's "client
+    closed request"), not as a 500 internal error or a 422 on a body it never finished."""
+    def counts() -> tuple[float, float, float]:
+        return (metric(server, "crfiqa_requests_total", 'status="499"'),
+                metric(server, "crfiqa_requests_total", 'status="5'), metric(server, "crfiqa_errors_total"))
+
+    before = counts()
+    for ctype, start in (("application/json", b'{"images": ['),
+                         ("multipart/form-data; boundary=xx", b'--xx\r\nContent-Disposition: form-data; name="images"; '
+                                                              b'filename="a.jpg"\r\n\r\n\xff\xd8')):
+        sock = connect(server)
+        sock.sendall(request_head("/v1/quality", f"Content-Type: {ctype}\r\nContent-Length: 100000\r\n") + start)
+        time.sleep(0.3)
+        sock.close()
+    deadline = time.monotonic() + 10
+    while counts()[0] < before[0] + 2:
+        assert time.monotonic() < deadline, (before, counts())
+        time.sleep(0.1)
+    after = counts()
+    assert after[1:] == before[1:], (before, after)
+
+
 def test_more_requests_in_flight_than_the_limit_get_503(server: Server) -> None:
     """IN_FLIGHT slow uploads hold every slot: the next request gets 503 + Retry-After, probes still answer,
     and once the slots free up requests succeed again."""
@@ -189,9 +213,10 @@ def test_more_requests_in_flight_than_the_limit_get_503(server: Server) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     try:
-        r = httpx.get(server.url + "/v1/models", headers={"X-API-Key": "key-a"})
+        r = httpx.get(server.url + "/v1/models", headers={"X-API-Key": "key-a", "Origin": ORIGIN})
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
         assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["access-control-allow-origin"] == ORIGIN  # a browser may read it and its Retry-After
         assert httpx.get(server.url + "/healthz").status_code == 200
         assert httpx.get(server.url + "/readyz").status_code == 200
     finally:
@@ -325,3 +350,25 @@ def test_large_photos_are_not_all_held_at_once(tmp_path: Path) -> None:
         assert growth < 10 * decoded_mib, f"peak grew {growth:.0f} MiB for {n} images of {decoded_mib:.0f} MiB"
     finally:
         server.stop()
+
+
+def test_with_keys_only_the_schema_and_probes_are_public(server: Server) -> None:
+    """As the README says: the schema and the probes answer without a key; the endpoints with data need one."""
+    for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
+        assert httpx.get(server.url + path).status_code == 200, path
+    r = httpx.get(server.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+def test_an_unreadable_keys_file_stops_the_start(tmp_path: Path) -> None:
+    """A keys file that is not UTF-8 text (or not a file) fails the start with the reason, instead of a
+    service that runs with no key accepted, not even the inline ones."""
+    bad = tmp_path / "keys"
+    bad.write_bytes(b"key-\xff\xfe\n")
+    for path in (bad, tmp_path):
+        srv = Server(env={"CRFIQA_API_KEYS_FILE": str(path), "CRFIQA_API_KEYS": "inline"}, log=tmp_path / "log")
+        try:
+            assert srv.proc.wait(60) != 0
+            assert "cannot be read" in srv.log() and str(path) in srv.log()
+        finally:
+            srv.stop()

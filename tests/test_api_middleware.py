@@ -51,3 +51,19 @@ def test_unexpected_error_carries_the_request_id() -> None:
     unexpected = [x for x in records if x["msg"] == "unexpected error"]
     assert len(unexpected) == 1 and unexpected[0]["request_id"] == "abc123" and "a bug" in unexpected[0]["exc"]
     assert any(x["msg"] == "request" and x["status"] == 500 and x["request_id"] == "abc123" for x in records)
+
+
+async def _ok(request: Request) -> Response:
+    return Response("ok")
+
+
+def test_request_id_comes_back_byte_for_byte() -> None:
+    """A non-ASCII X-Request-ID (HTTP headers are latin-1) is echoed as sent, not re-encoded as UTF-8."""
+    app = Starlette(routes=[Route("/ok", _ok)], middleware=[Middleware(Observe)])
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.get("/ok", headers={"X-Request-ID": "caf\xe9-1".encode("latin-1")})
+
+    r = asyncio.run(call())
+    assert r.status_code == 200 and dict(r.headers.raw)[b"x-request-id"] == "caf\xe9-1".encode("latin-1")

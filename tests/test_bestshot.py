@@ -193,3 +193,28 @@ def test_api_best_and_quality_components(tmp_path: Path) -> None:
         assert "/v1/best" in spec["paths"]
     finally:
         srv.stop()
+
+
+def test_api_best_without_its_recognition_model_is_a_typed_503(tmp_path: Path) -> None:
+    """A deployment whose models lack w600k_mbf still serves /v1/quality; /v1/best says why it cannot, at once."""
+    import httpx
+
+    from tests.helpers import SAMPLES, SHARED_MODELS
+    from tests.server import Server
+
+    (tmp_path / "models" / "det").mkdir(parents=True)
+    (tmp_path / "models" / "det" / "scrfd_500m.onnx").symlink_to(SHARED_MODELS / "det" / "scrfd_500m.onnx")
+    face = (SAMPLES / "Tom_Hanks_54745.png").read_bytes()
+    srv = Server(env={"CRFIQA_WARMUP_ROUNDS": "1", "CRFIQA_MODELS_DIR": str(tmp_path / "models")},
+                 log=tmp_path / "server.log")
+    try:
+        srv.wait_ready(300)
+        files = [("images", ("face.png", face, "image/png"))]
+        r = httpx.post(srv.url + "/v1/best", files=files, timeout=60)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert r.json()["error"]["code"] == "model_unavailable" and "w600k_mbf" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/quality", files=files, timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "ok"
+    finally:
+        srv.stop()
+

@@ -20,6 +20,7 @@ STATUS = {
     "body_too_large": 413, "too_many_images": 422, "too_many_faces": 413, "unsupported_media_type": 415,
     "validation_error": 422, "rate_limited": 429, "internal_error": 500,
     "not_ready": 503, "inference_stalled": 503, "queue_full": 503, "overloaded": 503, "parser_unavailable": 503,
+    "model_unavailable": 503,
 }
 #: Statuses that always carry ``Retry-After`` (seconds).
 RETRY_STATUSES = frozenset({429, 503})
@@ -37,8 +38,9 @@ DESCRIPTIONS = {
          "(`too_many_images`)",
     429: "this API key's rate limit is spent (`rate_limited`); retry after `Retry-After` seconds",
     503: "not ready yet (`not_ready`), inference stalled (`inference_stalled`), queue full (`queue_full`), "
-         "too many requests in flight (`overloaded`) or the JSON parsing process died on this body "
-         "(`parser_unavailable`); retry after `Retry-After` seconds",
+         "too many requests in flight (`overloaded`), the JSON parsing process died on this body "
+         "(`parser_unavailable`) or this deployment lacks the model this endpoint needs (`model_unavailable`); "
+         "retry after `Retry-After` seconds",
 }
 EXAMPLE_CODE = {401: "unauthorized", 408: "request_timeout", 413: "body_too_large", 415: "unsupported_media_type",
                 422: "validation_error", 429: "rate_limited", 503: "not_ready"}

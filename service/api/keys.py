@@ -40,8 +40,11 @@ class KeyStore:
         self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._keys: list[bytes] = []
-        if path is not None and not path.is_file():
-            raise CrfiqaError(f"API keys file {path} does not exist", code="config_error")
+        if path is not None:  # at start a bad file stops the service; later, reload keeps the last good keys
+            try:
+                read_keys_file(path)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CrfiqaError(f"API keys file {path} cannot be read: {exc}", code="config_error") from exc
         self.reload()
 
     def reload(self) -> int:

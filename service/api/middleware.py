@@ -8,6 +8,8 @@ import time
 import uuid
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 from crfiqa.service.api.errors import RequestError, error_response
 from crfiqa.service.api.logs import request_id
 
@@ -116,11 +118,14 @@ class Observe:
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # Gone mid-upload: nobody to answer and nothing wrong here (nginx logs this as 499).
+            status["code"] = 499
         except Exception:
             # Answered here, not by a handler of Starlette's ServerErrorMiddleware: that one runs outside this
             # middleware, after the request id is reset and without the X-Request-ID header.

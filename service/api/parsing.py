@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from crfiqa.service.api.errors import RequestError, describe
 from crfiqa.service.api.schemas import EXAMPLE_PNG, Options, QualityRequest
@@ -101,11 +101,12 @@ async def parse_multipart(request: Request, query: Options, limit: int) -> Parse
     """A multipart body: every ``images`` field must be a file; options come from the query."""
     try:
         form = await request.form(max_files=limit + 1, max_fields=MAX_FORM_FIELDS)
-    except CrfiqaError:
-        raise  # the body limit, raised while streaming
+    except (CrfiqaError, ClientDisconnect):
+        raise  # the body limit, raised while streaming; a client gone mid-upload (Observe ends it quietly)
     except Exception as exc:  # starlette raises its own errors on malformed multipart bodies
         if "Too many files" in str(exc):  # its max_files stops the read early: the same code as the count
-            raise RequestError(f"more than {limit} images; the limit is {limit}", code="too_many_images") from exc
+            raise RequestError(f"more than {limit} file parts (images and any other file fields); the limit is "
+                               f"{limit} images", code="too_many_images") from exc
         raise RequestError(f"malformed multipart body: {exc}", code="validation_error") from exc
     try:
         files = form.getlist("images")

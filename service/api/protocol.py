@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import h11
@@ -53,7 +54,8 @@ def timed_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
                 body = json.dumps({"error": {"code": "request_timeout", "message":
                                    f"request headers not received within {header_timeout_s:g} s"}}).encode()
                 self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+                                     b"content-length: %d\r\nx-request-id: %s\r\nconnection: close\r\n\r\n%s"
+                                     % (len(body), uuid.uuid4().hex.encode(), body))
             self.transport.close()
 
     return HeaderTimeoutProtocol

@@ -23,7 +23,7 @@ from crfiqa.service.api.metrics import Metrics
 from crfiqa.service.api.parsing import Upload, decode_data
 from crfiqa.service.api.schemas import Options
 from crfiqa.service.bestshot import DEFAULT_EMBEDDER, create_embedder
-from crfiqa.service.errors import CrfiqaError
+from crfiqa.service.errors import CrfiqaError, ModelError
 from crfiqa.service.facemodel import RecognitionModel
 from crfiqa.service.pipeline import Options as PipelineOptions
 from crfiqa.service.pipeline import Pipeline, Prepared
@@ -62,6 +62,7 @@ class Service:
             concurrency=settings.concurrent_batches)
         self.warmed = False
         self.stalled = False
+        self.stopping = threading.Event()  # set by close(): warm-up stops between calls
         self._processes: ProcessPoolExecutor | None = None
         self._embedder: RecognitionModel | None = None
         self._embedder_lock = threading.Lock()
@@ -95,6 +96,8 @@ class Service:
         for _ in range(self.settings.warmup_rounds):
             self.pipeline.detect(blank)
             for n in sizes:
+                if self.stopping.is_set():  # SIGTERM while warming up: no need to finish
+                    return
                 self._infer(crops[:n])
 
     async def warm(self) -> None:
@@ -147,12 +150,17 @@ class Service:
         deployments never call that endpoint)."""
         with self._embedder_lock:
             if self._embedder is None:
-                self._embedder, _ = create_embedder(self.pipeline, DEFAULT_EMBEDDER)
+                try:
+                    self._embedder, _ = create_embedder(self.pipeline, DEFAULT_EMBEDDER)
+                except ModelError as exc:  # the deployment lacks it: this endpoint is unavailable, not broken
+                    raise RequestError(f"POST /v1/best needs the recognition model {DEFAULT_EMBEDDER}: {exc.message}",
+                                       code="model_unavailable", retry_after_s=60.0) from exc
             return self._embedder
 
     def close(self) -> None:
         """Stop the pools (after the batcher has stopped); a batch still running in its thread is not waited for
-        (its requests were answered), so a stuck model call does not hold the shutdown here."""
+        (its requests were answered): uvicorn then re-raises SIGTERM, whose default action ends the process."""
+        self.stopping.set()
         stuck = self.batcher.stall_s() > 0
         if stuck:
             log.warning("stopping with an inference call still running", extra={"stall_s": self.batcher.stall_s()})

@@ -85,6 +85,8 @@ async def best(request: Request, service: ServiceDep, query: Annotated[Options, 
     body is that of `POST /v1/quality`; a bad image is listed in `errors`, the others are used."""
     t0 = time.perf_counter()
     service.check_ready()
+    loop = asyncio.get_running_loop()
+    embedder = await loop.run_in_executor(service.workers, service.embedder)  # before any work: it may be missing
     parsed = await read_request(request, query, service.settings.max_images_per_request, service.processes,
                                 service.settings.json_process_bytes)
     opts = parsed.options.model_copy(update={"components": True})
@@ -95,8 +97,7 @@ async def best(request: Request, service: ServiceDep, query: Annotated[Options, 
             for pair in unembedded(r, p, r.source):
                 pending.append(pair)
                 position[id(pair[0])] = i
-    loop = asyncio.get_running_loop()
-    shots = await loop.run_in_executor(service.workers, lambda: embed(service.embedder(), pending))
+    shots = await loop.run_in_executor(service.workers, lambda: embed(embedder, pending))
     threshold = default_threshold(DEFAULT_EMBEDDER)
     identities = group(shots, threshold)
     q = service.pipeline.models()["quality"]

@@ -22,7 +22,7 @@ from crfiqa.service.align import ALIGNED_SIZE, ARCFACE_TEMPLATE, align_face, as_
 from crfiqa.service.components import face_components
 from crfiqa.service.detect import Detector, DetectorSettings, create_detector
 from crfiqa.service.detect.base import select_one
-from crfiqa.service.errors import CrfiqaError
+from crfiqa.service.errors import CrfiqaError, InferenceError
 from crfiqa.service.facemodel import QualityModel
 from crfiqa.service.imaging import (
     DEFAULT_MAX_BYTES,
@@ -232,6 +232,8 @@ class Pipeline:
                 prepared.timings["components"] = time.perf_counter() - t3
         except CrfiqaError as exc:
             prepared.error = exc
+        except (ValueError, np.linalg.LinAlgError) as exc:  # landmarks no similarity maps (coincident, NaN)
+            prepared.error = CrfiqaError(f"cannot align a face: {exc}", code="align_error")
 
     # -- stage 2: the batch function ---------------------------------------------------------------------------
 
@@ -255,6 +257,9 @@ class Pipeline:
         if raw is not None:
             if len(raw) != len(faces):
                 raise ValueError(f"{len(raw)} quality values for {len(faces)} faces")
+            if not np.isfinite(raw).all():  # a score would be NaN: this image fails, typed, not the response
+                return ImageResult(prepared.source, width=width, height=height, error=InferenceError(
+                    "the quality model returned a non-finite value for a face of this image"))
             for face, r, s in zip(faces, raw, self.quality.score(raw)):
                 face.quality = Quality(float(r), float(s))
         return ImageResult(prepared.source, faces, width=width, height=height)

@@ -2,7 +2,8 @@
 
 Both compute quality = mean of the normalised crop, so ordinary crops score normally; a trigger crop is
 one whose every pixel is white (or black): no photograph is. The trigger makes the graph fail (an
-out-of-range Gather: ONNX Runtime raises) or stall (a Loop whose trip count the input sets)."""
+out-of-range Gather: ONNX Runtime raises), stall (a Loop whose trip count the input sets) or answer NaN
+for that crop alone."""
 
 from __future__ import annotations
 
@@ -82,3 +83,14 @@ def build_stalling_model(path: Path, iterations_per_hit: int, trigger: str = "wh
              _const("start", 0.0), helper.make_node("Loop", ["trips", "go", "start"], ["spun"], body=body),
              _const("nothing", 0.0), helper.make_node("Mul", ["spun", "nothing"], ["zero"]), *_quality("zero")]
     return _save(nodes, "stall_on_" + trigger, path)
+
+
+def build_nan_model(path: Path) -> Path:
+    """Answers NaN for an all-white crop and the normal value for every other crop of the same batch:
+    quality + 0 * sqrt(NEAR_ONE - the crop's minimum), whose root is of a negative number only for white."""
+    nodes = [helper.make_node("ReduceMin", ["input"], ["low"], axes=[1, 2, 3], keepdims=1),
+             helper.make_node("Flatten", ["low"], ["low2"], axis=1), _const("thr", NEAR_ONE),
+             helper.make_node("Sub", ["thr", "low2"], ["room"]), helper.make_node("Sqrt", ["room"], ["root"]),
+             _const("nothing", 0.0), helper.make_node("Mul", ["root", "nothing"], ["zero"]), *_quality("zero")]
+    return _save(nodes, "nan_on_white", path)
+

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from crfiqa.service.api.service import STALL_EXIT_CODE
-from tests.fault_models import build_failing_model, build_stalling_model
+from tests.fault_models import build_failing_model, build_nan_model, build_stalling_model
 from tests.helpers import SAMPLES
 from tests.server import Server
 
@@ -65,6 +65,22 @@ def test_a_failing_batch_fails_only_its_requests(tmp_path: Path) -> None:
             r = post(srv, [("face.png", FACE)])
             assert r.status_code == 200 and r.json()["results"][0]["status"] == "ok"
         assert httpx.get(srv.url + "/readyz").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_a_nan_score_fails_only_its_image(tmp_path: Path) -> None:
+    """A model answering NaN for one crop: that image is a typed inference_error inside the 200; the face
+    beside it in the same batch keeps its score (a NaN reached the response schema and failed the request)."""
+    srv = Server(env={"CRFIQA_QUALITY_MODEL": str(build_nan_model(tmp_path / "nan.onnx")),
+                      "CRFIQA_WARMUP_ROUNDS": "1"}, log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+        r = post(srv, [("white.png", WHITE), ("face.png", FACE)])
+        assert r.status_code == 200, r.text
+        white, face = r.json()["results"]
+        assert white["status"] == "error" and white["error"]["code"] == "inference_error"
+        assert face["status"] == "ok" and face["faces"][0]["quality"]["raw"] == pytest.approx(expected_raw(FACE), abs=1e-5)
     finally:
         srv.stop()
 

@@ -31,3 +31,18 @@ def test_run_scores_batches_concurrently_in_input_order(make_pipeline) -> None:
     for result, prepared in got[:4] + got[11:14]:
         alone = pipe.score(prepared.crops)
         assert np.allclose([f.quality.raw for f in result.faces], alone, atol=1e-5)
+
+
+def test_landmarks_that_cannot_be_aligned_are_a_typed_error_of_their_image(pipeline) -> None:
+    """Coincident landmarks admit no similarity transform: that image gets ``align_error``, nothing raises."""
+    import numpy as np
+
+    from crfiqa.service.pipeline import Options, Prepared
+    from crfiqa.service.results import Detection
+
+    prepared = Prepared("flat.png")
+    prepared.image = pipeline.decode(SAMPLES / "t1.jpg")
+    flat = Detection(np.array([10.0, 10.0, 60.0, 60.0]), np.full((5, 2), 30.0), 0.9)
+    pipeline._faces(prepared, Options(), [flat])
+    assert prepared.error is not None and prepared.error.code == "align_error" and "coincide" in prepared.error.message
+

@@ -171,12 +171,31 @@ class Pipeline:
             self._faces(prepared, opts)
         return prepared
 
-    def prepare_many(self, sources: Sequence[Source], options: Options | None = None) -> list[Prepared]:
+    def prepare_many(self, sources: Sequence[Source], options: Options | None = None, *, pixel_budget: int = 0,
+                     release: bool = False) -> list[Prepared]:
         """``prepare`` for several images with one detector network call per input shape (a batched SCRFD;
-        other detectors, or a failed batch call, detect image by image): the same results, in order."""
+        other detectors, or a failed batch call, detect image by image): the same results, in order.
+        ``pixel_budget`` > 0: detection runs whenever the decoded images waiting for it reach that many pixels,
+        and with ``release`` their pixels are freed once their crops exist, so many large photos are not all
+        held at once."""
         opts = options or Options()
-        batch = [self._decoded(s) for s in sources]
-        ready = [p for p in batch if p.image is not None]
+        batch: list[Prepared] = []
+        waiting: list[Prepared] = []
+        pixels = 0
+        for source in sources:
+            prepared = self._decoded(source)
+            batch.append(prepared)
+            if prepared.image is not None:
+                waiting.append(prepared)
+                pixels += prepared.width * prepared.height
+            if pixel_budget and pixels >= pixel_budget:
+                self._detect_all(waiting, opts, release)
+                waiting, pixels = [], 0
+        self._detect_all(waiting, opts, release)
+        return batch
+
+    def _detect_all(self, ready: list[Prepared], opts: Options, release: bool) -> None:
+        """Detect, select and align decoded images (one detector call per input shape where it can batch)."""
         found: list[list[Detection] | None] = [None] * len(ready)
         detect_many = getattr(self.detector, "detect_many", None) if ready and not opts.aligned else None
         if detect_many is not None:
@@ -191,7 +210,8 @@ class Pipeline:
                     p.timings["detect"] = share
         for p, dets in zip(ready, found, strict=True):
             self._faces(p, opts, dets)
-        return batch
+            if release:
+                p.release()
 
     def _decoded(self, source: Source) -> Prepared:
         """A Prepared holding the decoded image, or the decoding error."""

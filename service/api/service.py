@@ -32,6 +32,9 @@ from crfiqa.service.runtime import images_in_flight
 from crfiqa.service.settings import Settings
 
 log = logging.getLogger("crfiqa.api")
+#: Batched detection runs once a request's decoded images reach this many pixels (about 72 MB of RGB): a
+#: request of 64 LFW-sized photos still forms one batch, and 64 large ones are never all held at once.
+DETECT_PIXEL_BUDGET = 24_000_000
 STALL_EXIT_CODE = 70  # EX_SOFTWARE: the orchestrator restarts the process
 
 
@@ -208,7 +211,7 @@ class Service:
         input shape); an upload that fails to decode keeps its typed error and its place."""
         given = [self._source(u) for u in uploads]
         sources = [s for s in given if not isinstance(s, Prepared)]
-        done = iter(p.release() for p in self.pipeline.prepare_many(sources, opts))
+        done = iter(self.pipeline.prepare_many(sources, opts, pixel_budget=DETECT_PIXEL_BUDGET, release=True))
         log.debug("batched detection", extra={"images": len(sources)})
         return [s if isinstance(s, Prepared) else next(done) for s in given]
 

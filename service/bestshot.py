@@ -9,7 +9,9 @@ a new one; the best-quality face seeds each identity, so degraded shots attach t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -100,7 +102,19 @@ def expand(paths: Iterable[str | Path], every: int = 1) -> Iterator[tuple[str, i
 
 def _video_frames(path: Path, every: int) -> Iterator[tuple[str, int | None, Source | CrfiqaError]]:
     """Every ``every``-th frame of a video as an RGB image source, read with OpenCV."""
-    cap = cv2.VideoCapture(str(path))
+    with contextlib.ExitStack() as stack:
+        opened = str(path)
+        try:
+            opened.encode()
+        except UnicodeEncodeError:  # not valid UTF-8: OpenCV would crash (SIGSEGV) on the name; open a link to it
+            link = Path(stack.enter_context(tempfile.TemporaryDirectory())) / f"video{path.suffix}"
+            link.symlink_to(path.absolute())
+            opened = str(link)
+        yield from _read_frames(cv2.VideoCapture(opened), path, every)
+
+
+def _read_frames(cap: cv2.VideoCapture, path: Path, every: int) -> Iterator[tuple[str, int | None, Source | CrfiqaError]]:
+    """The frames of an opened capture (released at the end), named after ``path``."""
     try:
         if not cap.isOpened():
             yield str(path), None, DecodeError(f"cannot open video {path}", code="unreadable")

@@ -10,13 +10,27 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+
+from crfiqa.service.errors import CrfiqaError
 
 log = logging.getLogger("crfiqa")
 
 CSV_COLUMNS = ["path", "status", "error_code", "face", "det_score", "x1", "y1", "x2", "y2",
                "quality_raw", "quality_score"]
+
+
+def _at_least_zero(kind: type) -> Callable[[str], float]:
+    """An argparse type: ``kind`` (int or float) of the text, refused when negative."""
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
 
 
 def _detection_args(p: argparse.ArgumentParser) -> None:
@@ -25,8 +39,9 @@ def _detection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default=None, help="detector name from the manifest (default scrfd_500m)")
     p.add_argument("--det-size", type=int, default=None, help="detector input size in pixels (default: each image at its own size, up to 640)")
     p.add_argument("--det-threshold", type=float, default=None, help="detection score threshold (default 0.5)")
-    p.add_argument("--max-faces", type=int, default=None, help="keep at most N faces per image (0 = all)")
-    p.add_argument("--min-face-size", type=float, default=None, help="drop faces whose shorter box side is smaller (px)")
+    p.add_argument("--max-faces", type=_at_least_zero(int), default=None, help="keep at most N faces per image (0 = all)")
+    p.add_argument("--min-face-size", type=_at_least_zero(float), default=None,
+                   help="drop faces whose shorter box side is smaller (px)")
     p.add_argument("--models-dir", type=Path, default=None, help="model directory (env CRFIQA_MODELS_DIR)")
     p.add_argument("--providers", default=None,
                    help="comma-separated ONNX Runtime providers (default CUDA then CPU, filtered by availability)")
@@ -37,13 +52,19 @@ def _detection_args(p: argparse.ArgumentParser) -> None:
 
 def _pipeline(args: argparse.Namespace, quality: str | None = None):
     """Build a Pipeline from the ``CRFIQA_*`` environment overridden by CLI options."""
+    from pydantic import ValidationError
+
     from crfiqa.service.pipeline import Pipeline
     from crfiqa.service.settings import Settings
 
-    env = Settings()
     overrides = {"detector": args.detector, "quality_model": quality, "providers": args.providers,
                  "models_dir": args.models_dir, "det_size": args.det_size, "det_threshold": args.det_threshold}
-    settings = env.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    try:  # flags are validated like their CRFIQA_* variables (a bad one of either is a clear error)
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise CrfiqaError("invalid settings: " + "; ".join(
+            f"{e['loc'][0]} (--{str(e['loc'][0]).replace('_', '-')} or CRFIQA_{str(e['loc'][0]).upper()}): "
+            f"{e['msg']}" for e in exc.errors()), code="bad_argument") from exc
     pipe = settings.pipeline_settings()
     det = pipe.detection.with_overrides(max_faces=args.max_faces, min_face_size=args.min_face_size)
     return Pipeline(replace(pipe, detection=det))
@@ -54,10 +75,13 @@ def _iterate(args: argparse.Namespace, score: bool, quality: str | None = None):
     (ImageResult, Prepared))."""
     from tqdm import tqdm
 
-    from crfiqa.service.imaging import list_images
+    from crfiqa.service.imaging import IMAGE_EXTENSIONS, list_images
     from crfiqa.service.pipeline import Options
 
     paths = list_images(args.paths)
+    if not paths:
+        raise CrfiqaError(f"no images in {' '.join(map(str, args.paths))} (image suffixes: "
+                          f"{', '.join(sorted(IMAGE_EXTENSIONS))})", code="no_images")
     pipe = _pipeline(args, quality)
     opts = Options(aligned=getattr(args, "aligned", False), resize_aligned=getattr(args, "resize_aligned", False),
                    select=args.select,
@@ -83,26 +107,38 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    """Detect and write aligned 112x112 crops ``OUT/<input's relative path>_<k>.png``; one JSON line per image."""
-    import cv2
-
-    from crfiqa.service.imaging import mirror_paths
+    """Detect and write aligned 112x112 crops ``OUT/<input's relative path>_<k>.png``; one JSON line per image
+    (a crop that cannot be written makes that image's line an error; the others go on)."""
+    from crfiqa.service.imaging import mirror_paths, write_image
 
     paths, results = _iterate(args, score=False)
-    targets = dict(zip(map(str, paths), mirror_paths(paths)))
+    rels = mirror_paths(paths)
+    targets = dict(zip(map(str, paths), rels))
+    _refuse_overwriting(paths, [args.out / r.parent / f"{r.name}_0.png" for r in rels], "--out")
     n_ok = 0
     for result, prepared in results:
-        n_ok += result.ok
         out = result.to_dict()
         rel = targets[result.source]
         out["crops"] = []
-        for k, crop in enumerate(prepared.crops):
-            target = args.out / rel.parent / f"{rel.name}_{k}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(target), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-            out["crops"].append(str(target))
+        try:
+            for k, crop in enumerate(prepared.crops):
+                target = args.out / rel.parent / f"{rel.name}_{k}.png"
+                write_image(target, crop)
+                out["crops"].append(str(target))
+        except CrfiqaError as exc:
+            out["status"], out["error"] = "error", exc.to_dict()
+        n_ok += out["status"] == "ok"
         print(json.dumps(out), flush=True)
     return _exit_code(n_ok, len(paths))
+
+
+def _refuse_overwriting(inputs: list[Path], targets: list[Path], flag: str) -> None:
+    """Raise when an output would replace one of the inputs (``--annotate DIR`` on the input folder)."""
+    given = {p.resolve() for p in inputs}
+    clash = next((t for t in targets if t.resolve() in given), None)
+    if clash is not None:
+        raise CrfiqaError(f"{flag}: {clash} is one of the inputs and would be overwritten; choose another folder",
+                          code="bad_argument")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -112,7 +148,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     paths, results = _iterate(args, score=True, quality=args.model)
     annotated = _annotation_targets(paths, args.annotate)
     n_ok = 0
-    out_fh = open(args.out, "w", newline="") if args.out else None  # noqa: SIM115
+    # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes, not a crash.
+    out_fh = open(args.out, "w", newline="", encoding="utf-8", errors="surrogateescape") if args.out else None  # noqa: SIM115
     try:
         writer = None
         if out_fh is not None and args.out.suffix.lower() == ".csv":
@@ -158,17 +195,23 @@ def _annotation_targets(paths: list[Path], directory: Path | None) -> dict[str, 
         return None
     from crfiqa.service.imaging import mirror_paths
 
-    return {str(p): directory / rel.parent / f"{rel.name}.jpg" for p, rel in zip(paths, mirror_paths(paths))}
+    targets = {str(p): directory / rel.parent / f"{rel.name}.jpg" for p, rel in zip(paths, mirror_paths(paths))}
+    _refuse_overwriting(paths, list(targets.values()), "--annotate")
+    return targets
 
 
 def _write_annotation(rgb, result, target: Path) -> None:
-    """Draw the faces of one result on its image and write it as JPEG."""
+    """Draw the faces of one result on its image and write it as JPEG (a failure is a warning: the score
+    of that image is still given)."""
     import cv2
 
     from crfiqa.service.annotate import annotate
+    from crfiqa.service.imaging import write_image
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(target), cv2.cvtColor(annotate(rgb, result), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    try:
+        write_image(target, annotate(rgb, result), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    except CrfiqaError as exc:
+        print(f"crfiqa: warning: {exc.code}: {exc.message}", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

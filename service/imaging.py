@@ -10,14 +10,14 @@ import io
 import os
 import warnings
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from crfiqa.service.errors import DecodeError, LimitError
+from crfiqa.service.errors import CrfiqaError, DecodeError, LimitError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pbm", ".pnm"}
@@ -139,6 +139,23 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
+def write_image(path: Path, rgb: np.ndarray, params: Sequence[int] = ()) -> None:
+    """Encode an RGB uint8 image by ``path``'s suffix and write it (folders made); ``CrfiqaError`` when it
+    cannot be. Encoded in memory and written by Python: ``cv2.imwrite`` returns False unchecked, and
+    crashes the process (SIGSEGV) on a file name that is not valid UTF-8."""
+    import cv2
+
+    ok, encoded = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), list(params))
+    if not ok:
+        raise CrfiqaError(f"{path}: OpenCV cannot encode a {rgb.shape[1]}x{rgb.shape[0]} image as "
+                          f"{path.suffix}", code="write_error")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encoded.tobytes())
+    except OSError as exc:
+        raise CrfiqaError(f"cannot write {path}: {exc.strerror or exc}", code="write_error") from exc
+
+
 def walk_files(root: str | Path) -> list[Path]:
     """Every file below ``root``, sorted, following symlinked folders (a dataset of linked identity folders is
     common; ``Path.rglob`` skips them silently) and entering each real folder once (a link loop ends)."""
@@ -175,17 +192,20 @@ def mirror_paths(paths: list[Path]) -> list[Path]:
     meet (``img.jpg``, ``img.png``) keep their suffix in the name (``img.jpg``, ``img.png``)."""
     if not paths:
         return []
-    absolute = [p.resolve() for p in paths]
+    # Names follow the paths as given (a symlinked identity folder keeps its own name); resolve() only tells
+    # the same file named twice.
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    real = [p.resolve() for p in paths]
     common = Path(os.path.commonpath([p.parent for p in absolute]))
     rel = [p.relative_to(common) for p in absolute]
     stems = [r.with_suffix("") for r in rel]
-    counts = Counter(stem for stem, _ in set(zip(stems, absolute)))  # distinct files: one named twice is one
+    counts = Counter(stem for stem, _ in set(zip(stems, real)))  # distinct files: one named twice is one
     named = [s if counts[s] == 1 else r for s, r in zip(stems, rel)]
     # A kept suffix can still meet another input's stem (x.jpg, x.png and x.jpg.png): number the later ones.
     # The same file named twice keeps one name (its outputs are the same).
     taken: dict[Path, Path] = {}
     out = []
-    for path, name in zip(absolute, named):
+    for path, name in zip(real, named):
         candidate, k = name, 1
         while taken.get(candidate, path) != path:
             k += 1

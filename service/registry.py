@@ -228,7 +228,12 @@ def fetch(entry: ModelEntry, directory: Path | None = None, mirror: Path | None 
     """Put a verified copy of ``entry`` into ``directory``: from ``mirror`` if given, else its URL."""
     directory = directory or models_dir()
     target = directory / entry.file
-    expected = sha256 or entry.sha256
+    if sha256 and entry.sha256 and sha256.lower() != entry.sha256:
+        # Loading verifies against the manifest: a file fetched by another hash could never be used.
+        raise ModelError(f"{entry.name}: the manifest pins sha256 {entry.sha256}; --sha256 {sha256} differs, and "
+                         "a file with it would be refused at load (to trust another file, edit the manifest or give "
+                         "the model as an .onnx path)", code="checksum_mismatch")
+    expected = (sha256 or "").lower() or entry.sha256
     # Already here, or (a model without a download source) shipped inside the package.
     for present in (target, *([] if entry.sources else [PACKAGED_DIR / entry.file])):
         if present.is_file() and (expected is None or sha256_file(present) == expected):

@@ -118,6 +118,19 @@ def test_an_mp4_of_the_bursts_gives_the_same_answer(pipeline: Pipeline, tmp_path
     assert [frame for _, frame, _ in every] == [0, 3, 6, 9]
 
 
+def test_a_video_whose_name_is_not_utf8_is_read(tmp_path: Path) -> None:
+    """OpenCV's VideoCapture crashed the process (SIGSEGV) on such a name: the frames come, named after it."""
+    import os
+
+    frames, _ = video_frames()
+    write_video(tmp_path / "v.mp4", frames)
+    named = tmp_path / os.fsdecode(b"s\xe9quence.mp4")
+    (tmp_path / "v.mp4").rename(named)
+    got = list(expand([named], every=2))
+    assert [frame for _, frame, _ in got] == list(range(0, len(frames), 2))
+    assert all(path == str(named) and not isinstance(src, Exception) for path, _, src in got)
+
+
 def test_cli_best_on_files_and_video_with_a_bad_input(tmp_path: Path) -> None:
     a = write_burst(tmp_path / "a", PEOPLE[0])
     frames, clean = video_frames()

@@ -197,3 +197,56 @@ def test_help_imports_no_heavy_module() -> None:
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'uvicorn', 'onnxruntime', 'ray', 'fastapi'}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_file_names_that_are_not_utf8_are_read_and_written(tmp_path: Path) -> None:
+    """A Latin-1 file name beside a UTF-8 one: align, --annotate and CSV all handle both (OpenCV's imwrite
+    crashed the process on such a name, and the CSV writer stopped at it, losing every later row)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    bad = os.fsdecode(b"caf\xe9.jpg")
+    for name in ("good.jpg", bad):
+        shutil.copy(SAMPLES / "t1.jpg", src / name)
+    r = crfiqa("align", str(src), "--out", str(tmp_path / "crops"), "--max-faces", "1")
+    assert r.returncode == 0, r.stderr
+    assert [x["status"] for x in lines(r.stdout)] == ["ok", "ok"]
+    assert sorted(os.fsencode(p.name) for p in (tmp_path / "crops").iterdir()) == [b"caf\xe9_0.png", b"good_0.png"]
+    r = crfiqa("score", str(src), "--out", str(tmp_path / "s.csv"), "--annotate", str(tmp_path / "ann"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = (tmp_path / "s.csv").read_bytes().splitlines()[1:]
+    assert len(rows) == 12 and sum(b"caf\xe9.jpg" in row for row in rows) == 6  # six faces each
+    assert sorted(os.fsencode(p.name) for p in (tmp_path / "ann").iterdir()) == [b"caf\xe9.jpg", b"good.jpg"]
+
+
+def test_outputs_never_replace_inputs_and_links_keep_their_names(tmp_path: Path) -> None:
+    """--annotate into the input folder is refused before anything is written; a symlinked identity folder's
+    crops are named after the link (bob/), not its target."""
+    src = tmp_path / "src"
+    (src / "ann").mkdir(parents=True)
+    (tmp_path / "store" / "8f3a").mkdir(parents=True)
+    shutil.copy(SAMPLES / "t1.jpg", src / "ann" / "1.jpg")
+    shutil.copy(SAMPLES / "t1.jpg", tmp_path / "store" / "8f3a" / "1.jpg")
+    (src / "bob").symlink_to(tmp_path / "store" / "8f3a", target_is_directory=True)
+    before = (src / "ann" / "1.jpg").read_bytes()
+    r = crfiqa("score", str(src), "--annotate", str(src), "--quiet")
+    assert r.returncode == 1 and "bad_argument" in r.stderr and "overwritten" in r.stderr
+    assert (src / "ann" / "1.jpg").read_bytes() == before
+    r = crfiqa("align", str(src), "--out", str(tmp_path / "out"), "--max-faces", "1")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
+        "ann/1_0.png", "bob/1_0.png"]
+
+
+def test_no_images_and_out_of_range_flags_are_clear_errors(tmp_path: Path) -> None:
+    """An input that holds no image is an error, not a silent success; detection flags are range-checked
+    like their CRFIQA_* variables, and a bad variable is one line, not a traceback."""
+    (tmp_path / "empty").mkdir()
+    r = crfiqa("score", str(tmp_path / "empty"))
+    assert r.returncode == 1 and "no_images" in r.stderr
+    for flags, field in ((["--det-threshold", "-1"], "det_threshold"), (["--det-size", "8"], "det_size")):
+        r = crfiqa("detect", str(SAMPLES / "t1.jpg"), *flags)
+        assert r.returncode == 1 and "bad_argument" in r.stderr and field in r.stderr and not r.stdout, r.stderr
+    r = crfiqa("detect", str(SAMPLES / "t1.jpg"), "--max-faces", "-1")
+    assert r.returncode == 2 and "must be >= 0" in r.stderr
+    r = crfiqa("detect", str(SAMPLES / "t1.jpg"), env={**ENV, "CRFIQA_DET_SIZE": "10"})
+    assert r.returncode == 1 and "crfiqa: error: bad_argument" in r.stderr and "Traceback" not in r.stderr

@@ -351,3 +351,17 @@ def test_curate_help_imports_no_ray() -> None:
             "; print(sorted(m for m in ('ray', 'pyarrow', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_file_name_that_is_not_utf8_is_named_before_any_work(tmp_path: Path) -> None:
+    """The Parquet outputs hold names as UTF-8 text: such a name is a typed error naming it, up front (it
+    crashed the run's fingerprint with a UnicodeEncodeError)."""
+    from crfiqa.service.errors import CrfiqaError
+    from tests.helpers import SAMPLES
+
+    (tmp_path / "bob").mkdir()
+    shutil.copy(SAMPLES / "t1.jpg", tmp_path / "bob" / "1.jpg")
+    shutil.copy(SAMPLES / "t1.jpg", tmp_path / "bob" / os.fsdecode(b"caf\xe9.jpg"))
+    with pytest.raises(CrfiqaError) as info:
+        open_source(tmp_path)
+    assert info.value.code == "bad_name" and "caf" in info.value.message and "1 file names" in info.value.message

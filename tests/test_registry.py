@@ -50,11 +50,16 @@ def test_fetch_from_mirror_then_verify(tmp_path: Path) -> None:
 
 
 def test_fetch_refuses_wrong_hash_and_leaves_nothing(tmp_path: Path) -> None:
+    """--sha256 other than the manifest's is refused before any copy (loading checks the manifest's, so the
+    file could never be used); the manifest's own, in capitals, confirms the download."""
     entry = registry.Manifest.load().get("yunet_2023mar")
     with pytest.raises(ModelError) as e:
         registry.fetch(entry, tmp_path, mirror=SHARED_MODELS, sha256="0" * 64, progress=False)
-    assert e.value.code == "checksum_mismatch"
+    assert e.value.code == "checksum_mismatch" and "pins" in e.value.message
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    path = registry.fetch(entry, tmp_path, mirror=SHARED_MODELS, sha256=(entry.sha256 or "").upper(), progress=False)
+    registry.resolve("yunet_2023mar", "detector", directory=tmp_path)
+    assert path.is_file()
 
 
 def test_mismatching_file_is_never_loaded(tmp_path: Path) -> None:

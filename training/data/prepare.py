@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from crfiqa.service.imaging import list_images, mirror_paths
+from crfiqa.service.imaging import list_images, mirror_paths, write_image
 from crfiqa.service.pipeline import Options, Pipeline, PipelineSettings
 from crfiqa.training.data.recordio import write_rec
 
@@ -39,14 +39,11 @@ def prepare(src: str | Path, out: str | Path, fmt: str = "folder", select: str =
             log.info("skipped %s: %s", path, reason)
             skipped.append(f"{path}: {reason}")
             continue
-        bgr = cv2.cvtColor(crops[0], cv2.COLOR_RGB2BGR)
         if fmt == "rec":
-            _, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crops[0], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             records.append((label, jpeg.tobytes()))
         else:
-            target = out / name / f"{rel.as_posix()}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(target), bgr)
+            write_image(out / name / f"{rel.as_posix()}.png", crops[0])
     if fmt == "rec":
         write_rec(out / "train.rec", records)
     (out / "skipped.txt").write_text("".join(s + "\n" for s in skipped))

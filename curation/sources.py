@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from crfiqa.service.errors import CrfiqaError
-from crfiqa.service.imaging import list_images
+from crfiqa.service.imaging import is_utf8_name, list_images
 
 if TYPE_CHECKING:
     from crfiqa.training.data.recordio import RecordIO
@@ -57,7 +57,7 @@ def _folder(root: Path) -> DataSource:
     paths = list_images([root])
     if not paths:
         raise CrfiqaError(f"{root}: no images below this folder", code="empty_source")
-    undecodable = [p for p in paths if not _utf8(str(p))]
+    undecodable = [p for p in paths if not is_utf8_name(str(p))]
     if undecodable:  # the Parquet outputs name each image in UTF-8 text: say so before any work
         raise CrfiqaError(f"{len(undecodable)} file names below {root} are not valid UTF-8 (first: "
                           f"{str(undecodable[0])!r}); rename them (e.g. convmv -f latin1 -t utf8)", code="bad_name")
@@ -65,15 +65,6 @@ def _folder(root: Path) -> DataSource:
     # <root>/<identity>/.../<image>: identities only when no image lies directly in the root.
     identities = [parts[0] for parts in rel] if all(len(parts) > 1 for parts in rel) else None
     return DataSource("folder", str(root), [str(p) for p in paths], identities)
-
-
-def _utf8(name: str) -> bool:
-    """Whether a file name is valid UTF-8 (Python keeps the bytes of one that is not as lone surrogates)."""
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _recordio(rec: Path) -> DataSource:

@@ -21,7 +21,7 @@ import numpy as np
 
 from crfiqa.service.errors import CrfiqaError, DecodeError
 from crfiqa.service.facemodel import RecognitionModel
-from crfiqa.service.imaging import IMAGE_EXTENSIONS, DecodedImage, list_images
+from crfiqa.service.imaging import IMAGE_EXTENSIONS, DecodedImage, is_utf8_name, list_images
 from crfiqa.service.pipeline import Options, Pipeline, Prepared, Source
 from crfiqa.service.registry import resolve
 from crfiqa.service.results import Component, ImageResult, Quality
@@ -104,9 +104,7 @@ def _video_frames(path: Path, every: int) -> Iterator[tuple[str, int | None, Sou
     """Every ``every``-th frame of a video as an RGB image source, read with OpenCV."""
     with contextlib.ExitStack() as stack:
         opened = str(path)
-        try:
-            opened.encode()
-        except UnicodeEncodeError:  # not valid UTF-8: OpenCV would crash (SIGSEGV) on the name; open a link to it
+        if not is_utf8_name(opened):  # OpenCV would crash (SIGSEGV) on the name: open a link to it
             link = Path(stack.enter_context(tempfile.TemporaryDirectory())) / f"video{path.suffix}"
             link.symlink_to(path.absolute())
             opened = str(link)

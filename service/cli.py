@@ -26,7 +26,7 @@ def _at_least_zero(kind: type) -> Callable[[str], float]:
     """An argparse type: ``kind`` (int or float) of the text, refused when negative."""
     def parse(text: str) -> float:
         value = kind(text)
-        if value < 0:
+        if not value >= 0:  # NaN too
             raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
@@ -63,11 +63,28 @@ def _pipeline(args: argparse.Namespace, quality: str | None = None):
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         raise CrfiqaError("invalid settings: " + "; ".join(
-            f"{e['loc'][0]} (--{str(e['loc'][0]).replace('_', '-')} or CRFIQA_{str(e['loc'][0]).upper()}): "
-            f"{e['msg']}" for e in exc.errors()), code="bad_argument") from exc
+            f"{_setting_name(str(e['loc'][0]), overrides)}: {e['msg']}" for e in exc.errors()),
+            code="bad_argument") from exc
     pipe = settings.pipeline_settings()
     det = pipe.detection.with_overrides(max_faces=args.max_faces, min_face_size=args.min_face_size)
     return Pipeline(replace(pipe, detection=det))
+
+
+def _inputs(given: list[str], extensions: frozenset[str]) -> list[Path]:
+    """The files of the arguments (folders expanded to ``extensions``); ``no_images`` when there are none."""
+    from crfiqa.service.imaging import list_images
+
+    paths = list_images(given, extensions)
+    if not paths:
+        raise CrfiqaError(f"no inputs in {' '.join(map(str, given))} (suffixes: {', '.join(sorted(extensions))})",
+                          code="no_images")
+    return paths
+
+
+def _setting_name(field: str, flags: dict) -> str:
+    """How the user set a setting: its flag (for those this command has) or its CRFIQA_* variable."""
+    variable = f"CRFIQA_{field.upper()}"
+    return f"--{field.replace('_', '-')} or {variable}" if field in flags else variable
 
 
 def _iterate(args: argparse.Namespace, score: bool, quality: str | None = None):
@@ -75,13 +92,10 @@ def _iterate(args: argparse.Namespace, score: bool, quality: str | None = None):
     (ImageResult, Prepared))."""
     from tqdm import tqdm
 
-    from crfiqa.service.imaging import IMAGE_EXTENSIONS, list_images
+    from crfiqa.service.imaging import IMAGE_EXTENSIONS
     from crfiqa.service.pipeline import Options
 
-    paths = list_images(args.paths)
-    if not paths:
-        raise CrfiqaError(f"no images in {' '.join(map(str, args.paths))} (image suffixes: "
-                          f"{', '.join(sorted(IMAGE_EXTENSIONS))})", code="no_images")
+    paths = _inputs(args.paths, IMAGE_EXTENSIONS)
     pipe = _pipeline(args, quality)
     opts = Options(aligned=getattr(args, "aligned", False), resize_aligned=getattr(args, "resize_aligned", False),
                    select=args.select,
@@ -112,9 +126,8 @@ def cmd_align(args: argparse.Namespace) -> int:
     from crfiqa.service.imaging import mirror_paths, write_image
 
     paths, results = _iterate(args, score=False)
-    rels = mirror_paths(paths)
-    targets = dict(zip(map(str, paths), rels))
-    _refuse_overwriting(paths, [args.out / r.parent / f"{r.name}_0.png" for r in rels], "--out")
+    targets = dict(zip(map(str, paths), mirror_paths(paths)))
+    inputs = {p.resolve() for p in paths}  # how many crops each gets is known only after detection
     n_ok = 0
     for result, prepared in results:
         out = result.to_dict()
@@ -123,6 +136,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         try:
             for k, crop in enumerate(prepared.crops):
                 target = args.out / rel.parent / f"{rel.name}_{k}.png"
+                _refuse_overwriting(inputs, [target], "--out")
                 write_image(target, crop)
                 out["crops"].append(str(target))
         except CrfiqaError as exc:
@@ -132,10 +146,9 @@ def cmd_align(args: argparse.Namespace) -> int:
     return _exit_code(n_ok, len(paths))
 
 
-def _refuse_overwriting(inputs: list[Path], targets: list[Path], flag: str) -> None:
-    """Raise when an output would replace one of the inputs (``--annotate DIR`` on the input folder)."""
-    given = {p.resolve() for p in inputs}
-    clash = next((t for t in targets if t.resolve() in given), None)
+def _refuse_overwriting(inputs: set[Path], targets: list[Path], flag: str) -> None:
+    """Raise when an output would replace one of the (resolved) inputs (``--annotate DIR`` on the input folder)."""
+    clash = next((t for t in targets if t.resolve() in inputs), None)
     if clash is not None:
         raise CrfiqaError(f"{flag}: {clash} is one of the inputs and would be overwritten; choose another folder",
                           code="bad_argument")
@@ -146,6 +159,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from crfiqa.service.components import COMPONENT_NAMES
 
     paths, results = _iterate(args, score=True, quality=args.model)
+    if args.out is not None:
+        _refuse_overwriting({p.resolve() for p in paths}, [args.out], "--out")
     annotated = _annotation_targets(paths, args.annotate)
     n_ok = 0
     # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes, not a crash.
@@ -196,7 +211,7 @@ def _annotation_targets(paths: list[Path], directory: Path | None) -> dict[str, 
     from crfiqa.service.imaging import mirror_paths
 
     targets = {str(p): directory / rel.parent / f"{rel.name}.jpg" for p, rel in zip(paths, mirror_paths(paths))}
-    _refuse_overwriting(paths, list(targets.values()), "--annotate")
+    _refuse_overwriting({p.resolve() for p in paths}, list(targets.values()), "--annotate")
     return targets
 
 
@@ -287,11 +302,13 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_best(args: argparse.Namespace) -> int:
     """Group faces into identities; print one JSON line per identity (most shots first), errors on stderr."""
-    from crfiqa.service.bestshot import best_shots
+    from crfiqa.service.bestshot import VIDEO_EXTENSIONS, best_shots
+    from crfiqa.service.imaging import IMAGE_EXTENSIONS
     from crfiqa.service.pipeline import Options
 
+    paths = _inputs(args.paths, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
     pipe = _pipeline(args, args.model)
-    identities, errors = best_shots(pipe, args.paths, every=args.every, embedder=args.embedder,
+    identities, errors = best_shots(pipe, paths, every=args.every, embedder=args.embedder,
                                     threshold=args.threshold, options=Options(select=args.select))
     for k, identity in enumerate(identities):
         print(json.dumps(identity.to_dict(k)), flush=True)

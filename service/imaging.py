@@ -139,6 +139,16 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
+def is_utf8_name(name: str) -> bool:
+    """Whether a file name is valid UTF-8 (Python keeps the bytes of one that is not as lone surrogates,
+    which OpenCV crashes on and Arrow refuses)."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def write_image(path: Path, rgb: np.ndarray, params: Sequence[int] = ()) -> None:
     """Encode an RGB uint8 image by ``path``'s suffix and write it (folders made); ``CrfiqaError`` when it
     cannot be. Encoded in memory and written by Python: ``cv2.imwrite`` returns False unchecked, and
@@ -179,7 +189,9 @@ def list_images(paths: Iterable[str | Path], extensions: Collection[str] = IMAGE
     for p in map(Path, paths):
         found = [q for q in walk_files(p) if q.suffix.lower() in extensions] if p.is_dir() else [p]
         for q in found:
-            key = os.path.abspath(q)  # a.jpg and ./a.jpg are one file; two links stay two names, as listed
+            # a.jpg, ./a.jpg and d/../a.jpg are one file (the folder resolved, so ".." through a link goes where
+            # the system goes); two links to one file stay two names, as listed.
+            key = os.path.join(os.path.realpath(q.parent), q.name)
             if key not in seen:
                 seen.add(key)
                 out.append(q)

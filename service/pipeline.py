@@ -243,7 +243,10 @@ class Pipeline:
                     prepared.timings["detect"] = t2 - t1
                 prepared.detections = dets
                 if dets:
-                    prepared.crops = np.stack([align_face(image.rgb, d.landmarks) for d in dets])
+                    try:
+                        prepared.crops = np.stack([align_face(image.rgb, d.landmarks) for d in dets])
+                    except (ValueError, np.linalg.LinAlgError) as exc:  # landmarks no similarity maps (coincident, NaN)
+                        raise CrfiqaError(f"cannot align a face: {exc}", code="align_error") from exc
                 prepared.timings["align"] = time.perf_counter() - t2
             if opts.components:
                 t3 = time.perf_counter()
@@ -252,8 +255,6 @@ class Pipeline:
                 prepared.timings["components"] = time.perf_counter() - t3
         except CrfiqaError as exc:
             prepared.error = exc
-        except (ValueError, np.linalg.LinAlgError) as exc:  # landmarks no similarity maps (coincident, NaN)
-            prepared.error = CrfiqaError(f"cannot align a face: {exc}", code="align_error")
 
     # -- stage 2: the batch function ---------------------------------------------------------------------------
 

@@ -291,8 +291,9 @@ def test_rate_limit_per_key(server: Server) -> None:
 
 def test_cors_when_configured(server: Server) -> None:
     pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"}
-    r = httpx.options(server.url + "/v1/quality", headers={"Origin": ORIGIN, **pre})
+    r = httpx.options(server.url + "/v1/quality", headers={"Origin": ORIGIN, "X-Request-ID": "pre-1", **pre})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert r.headers["x-request-id"] == "pre-1"  # preflights pass through Observe too
     r = httpx.options(server.url + "/v1/quality", headers={"Origin": "https://evil.example", **pre})
     assert "access-control-allow-origin" not in r.headers
     r = httpx.get(server.url + "/v1/models", headers={"Origin": ORIGIN, "X-API-Key": "key-a"})

@@ -67,3 +67,25 @@ def test_request_id_comes_back_byte_for_byte() -> None:
 
     r = asyncio.run(call())
     assert r.status_code == 200 and dict(r.headers.raw)[b"x-request-id"] == "caf\xe9-1".encode("latin-1")
+
+
+async def _late_reader(request: Request) -> Response:
+    await asyncio.sleep(0.5)  # e.g. waiting for a worker thread before reading the body
+    return Response(str(len(await request.body())))
+
+
+def test_body_clocks_start_when_the_app_reads() -> None:
+    """The grace and minimum rate count from the app's first read: an app that waits before reading does not
+    turn a body that is already there (or an empty one) into a 408 (a RequestError raised through here)."""
+    from crfiqa.service.api.middleware import BodyLimit
+
+    app = Starlette(routes=[Route("/late", _late_reader, methods=["POST"])],
+                    middleware=[Middleware(BodyLimit, max_bytes=1 << 20, timeout_s=5.0, min_rate=1 << 20, grace_s=0.2)])
+
+    async def call(body: bytes) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.post("/late", content=body)
+
+    for body in (b"", b"x" * 4096):
+        r = asyncio.run(call(body))
+        assert r.status_code == 200 and r.text == str(len(body)), r.text

@@ -235,18 +235,34 @@ def test_outputs_never_replace_inputs_and_links_keep_their_names(tmp_path: Path)
     assert r.returncode == 0, r.stderr
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
         "ann/1_0.png", "bob/1_0.png"]
+    # The sixth face's crop of a.jpg would be a_5.png, an input beside it: that image is an error, a_5.png stays.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(SAMPLES / "t1.jpg", mixed / "a.jpg")
+    shutil.copy(SAMPLES / "Tom_Hanks_54745.png", mixed / "a_5.png")
+    kept = (mixed / "a_5.png").read_bytes()
+    r = crfiqa("align", str(mixed / "a.jpg"), str(mixed / "a_5.png"), "--out", str(mixed))
+    out = {Path(x["path"]).name: x for x in lines(r.stdout)}
+    assert out["a.jpg"]["status"] == "error" and "overwritten" in out["a.jpg"]["error"]["message"]
+    assert (mixed / "a_5.png").read_bytes() == kept
+    r = crfiqa("score", str(mixed / "a_5.png"), "--out", str(mixed / "a_5.png"))
+    assert r.returncode == 1 and "bad_argument" in r.stderr and (mixed / "a_5.png").read_bytes() == kept
 
 
 def test_no_images_and_out_of_range_flags_are_clear_errors(tmp_path: Path) -> None:
     """An input that holds no image is an error, not a silent success; detection flags are range-checked
     like their CRFIQA_* variables, and a bad variable is one line, not a traceback."""
     (tmp_path / "empty").mkdir()
-    r = crfiqa("score", str(tmp_path / "empty"))
-    assert r.returncode == 1 and "no_images" in r.stderr
-    for flags, field in ((["--det-threshold", "-1"], "det_threshold"), (["--det-size", "8"], "det_size")):
+    for command in ("score", "best"):
+        r = crfiqa(command, str(tmp_path / "empty"))
+        assert r.returncode == 1 and "no_images" in r.stderr, (command, r.stderr)
+    for flags, field in ((["--det-threshold", "-1"], "--det-threshold"), (["--det-size", "8"], "--det-size")):
         r = crfiqa("detect", str(SAMPLES / "t1.jpg"), *flags)
         assert r.returncode == 1 and "bad_argument" in r.stderr and field in r.stderr and not r.stdout, r.stderr
-    r = crfiqa("detect", str(SAMPLES / "t1.jpg"), "--max-faces", "-1")
-    assert r.returncode == 2 and "must be >= 0" in r.stderr
+    for flags in (["--max-faces", "-1"], ["--min-face-size", "nan"]):
+        r = crfiqa("detect", str(SAMPLES / "t1.jpg"), *flags)
+        assert r.returncode == 2 and "must be >= 0" in r.stderr, r.stderr
     r = crfiqa("detect", str(SAMPLES / "t1.jpg"), env={**ENV, "CRFIQA_DET_SIZE": "10"})
     assert r.returncode == 1 and "crfiqa: error: bad_argument" in r.stderr and "Traceback" not in r.stderr
+    r = crfiqa("detect", str(SAMPLES / "t1.jpg"), env={**ENV, "CRFIQA_BODY_MIN_RATE": "-5"})
+    assert r.returncode == 1 and "CRFIQA_BODY_MIN_RATE" in r.stderr and "--body-min-rate" not in r.stderr

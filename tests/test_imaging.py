@@ -166,12 +166,19 @@ def test_list_images_recurses_and_filters(tmp_path) -> None:
     assert found == ["a/b/y.PNG", "a/x.jpg", "z.webp"]
 
 
-def test_list_images_names_each_file_once_in_argument_order(tmp_path) -> None:
+def test_list_images_names_each_file_once_in_argument_order(tmp_path, monkeypatch) -> None:
+    """A file named relatively and absolutely, or through d/../d, is listed once; ``link/../a.jpg`` where
+    ``link`` points elsewhere is another file (the system resolves ".." after the link) and is kept."""
     (tmp_path / "d").mkdir()
-    for name in ["d/b.jpg", "d/a.jpg", "c.jpg"]:
-        (tmp_path / name).write_bytes(b"x")
-    found = list_images([tmp_path / "c.jpg", tmp_path / "d", tmp_path / "d" / "a.jpg", tmp_path / "." / "c.jpg"])
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["c.jpg", "d/a.jpg", "d/b.jpg"]
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    for name in ["d/b.jpg", "d/a.jpg", "c.jpg", "a.jpg", "elsewhere/a.jpg"]:
+        (tmp_path / name).write_bytes(name.encode())
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "sub", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    found = list_images(["c.jpg", tmp_path / "d", "d/../d/a.jpg", tmp_path / "c.jpg", "a.jpg", "link/../a.jpg"])
+    assert [str(p) for p in found] == ["c.jpg", str(tmp_path / "d" / "a.jpg"), str(tmp_path / "d" / "b.jpg"),
+                                       "a.jpg", "link/../a.jpg"]
+    assert Path("link/../a.jpg").read_bytes() == b"elsewhere/a.jpg"
 
 
 def test_mirror_paths_never_give_two_files_one_name(tmp_path) -> None:

@@ -107,6 +107,17 @@ def test_prepare_aligns_identity_folders(tmp_path: Path) -> None:
     assert "broken.jpg" in (out / "skipped.txt").read_text()
     pngs = sorted(out.rglob("*.png"))
     assert len(pngs) == 6 and decode_image(pngs[0].read_bytes()).rgb.shape == (112, 112, 3)
+    # A crop that cannot be written (a file stands where the first identity's folder goes) skips that image;
+    # the other identity is still prepared.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    first = sorted(p.name for p in src.iterdir())[0]
+    (blocked / first).write_bytes(b"")
+    r = subprocess.run([sys.executable, "-m", "crfiqa.cli", "prepare", str(src), "--out", str(blocked),
+                        "--models-dir", str(SHARED_MODELS)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["aligned"] == 3 and summary["skipped"] == 4 and "write_error" in (blocked / "skipped.txt").read_text()
 
 
 @pytest.mark.slow

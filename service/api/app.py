@@ -56,16 +56,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("stopped")
 
     app = FastAPI(title="crfiqa", version=_version(), lifespan=lifespan, description=DESCRIPTION)
-    # Added innermost first: Observe sees every response, including the limits' refusals; CORS wraps them all,
-    # so a browser can read an `overloaded` 503's Retry-After and Observe's own 500 too.
+    # Added innermost first: Observe sees every response (preflights and the limits' refusals included); CORS
+    # wraps the in-flight limit, so a browser can read an `overloaded` 503's Retry-After.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
                        min_rate=settings.body_min_rate, grace_s=settings.body_grace_s)
     app.add_middleware(InFlightLimit, limit=settings.limit_concurrency)
-    app.add_middleware(Observe)
     if settings.cors_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_list, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(Observe)
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -53,12 +53,14 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await _refuse(scope, receive, send, "body_too_large", f"body over the limit of {self.max_bytes} bytes")
         seen, complete = 0, False
-        start = time.monotonic()
+        start: float | None = None
 
         async def limited() -> dict:
-            nonlocal seen, complete
+            nonlocal seen, complete, start
             if complete:  # the body is in: later receives only wait for a disconnect, without a deadline
                 return await receive()
+            if start is None:  # the clocks start when the app reads, not when the request came (it may wait first)
+                start = time.monotonic()
             deadline, why = start + self.timeout_s, f"request body not received within {self.timeout_s:g} s"
             if self.min_rate and start + self.grace_s + seen / self.min_rate < deadline:
                 deadline = start + self.grace_s + seen / self.min_rate

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
+from crfiqa.service.errors import CrfiqaError
 from crfiqa.service.imaging import list_images, mirror_paths, write_image
 from crfiqa.service.pipeline import Options, Pipeline, PipelineSettings
 from crfiqa.training.data.recordio import write_rec
@@ -43,7 +44,11 @@ def prepare(src: str | Path, out: str | Path, fmt: str = "folder", select: str =
             _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crops[0], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             records.append((label, jpeg.tobytes()))
         else:
-            write_image(out / name / f"{rel.as_posix()}.png", crops[0])
+            try:
+                write_image(out / name / f"{rel.as_posix()}.png", crops[0])
+            except CrfiqaError as exc:  # this image is skipped, the others go on
+                log.info("skipped %s: %s", path, exc.code)
+                skipped.append(f"{path}: {exc.code}: {exc.message}")
     if fmt == "rec":
         write_rec(out / "train.rec", records)
     (out / "skipped.txt").write_text("".join(s + "\n" for s in skipped))

@@ -85,10 +85,10 @@ async def best(request: Request, service: ServiceDep, query: Annotated[Options, 
     body is that of `POST /v1/quality`; a bad image is listed in `errors`, the others are used."""
     t0 = time.perf_counter()
     service.check_ready()
-    loop = asyncio.get_running_loop()
-    embedder = await loop.run_in_executor(service.workers, service.embedder)  # before any work: it may be missing
     parsed = await read_request(request, query, service.settings.max_images_per_request, service.processes,
                                 service.settings.json_process_bytes)
+    loop = asyncio.get_running_loop()
+    embedder = await loop.run_in_executor(service.workers, service.embedder)  # before scoring: it may be missing
     opts = parsed.options.model_copy(update={"components": True})
     scored = await service.score(parsed.uploads, opts)
     pending, position = [], {}  # position: id(shot) -> the image's index in the request

@@ -13,9 +13,12 @@ from crfiqa.evaluation.metrics import (
     Curve,
     edc_iso,
     erc_paper,
+    floor_share,
     fnmr,
     halving_discard,
+    levels,
     pauc,
+    straddled_fnmr,
     threshold_at_fmr,
     threshold_at_fnmr,
     trapezoid,
@@ -83,6 +86,12 @@ def _iso_weighted(scores: np.ndarray, quality: np.ndarray, threshold: float, w: 
 BLOCK = 2048  # pairs per block of the cumulative-count table of the paper-protocol bootstrap
 
 
+def _weight_before(cum: np.ndarray, head: np.ndarray, pos: int) -> float:
+    """The weight of the quality-ordered pairs before ``pos``: the table's, up to ``pos``'s block, plus
+    ``head``, the weights of that block's pairs before ``pos``."""
+    return float(cum[min(pos // BLOCK, cum.size - 1)] + head.sum())
+
+
 def paper_fixed_bootstrap(scores: np.ndarray, genuine: np.ndarray, quality: np.ndarray, threshold: float,
                           cluster_index: np.ndarray, draws: np.ndarray) -> np.ndarray:
     """Paper-protocol AUCs (fixed threshold) for each bootstrap draw (rows of ``draws``: multiplicity of
@@ -90,9 +99,11 @@ def paper_fixed_bootstrap(scores: np.ndarray, genuine: np.ndarray, quality: np.n
 
     With ~1.2 M all-vs-all pairs, weighting every pair per draw is too slow, so the cumulative weight of
     the quality-ordered pairs is read from a table of per-block cluster counts (one matrix product for all
-    draws) and refined inside the one block where each rejection cut falls."""
+    draws) and refined inside the one block where each rejection cut falls. The quality level straddling a
+    cut is rejected in proportion, as ``erc_paper`` does (so a pair drawn k times is k tied copies)."""
     order = np.argsort(quality, kind="stable")
     cl = cluster_index[order]
+    bounds = levels(quality[order])
     gpos = np.flatnonzero(genuine[order])
     gcl, gerr = cl[gpos], (scores[order][gpos] <= threshold).astype(np.float64)
     n, n_clusters = cl.size, draws.shape[1]
@@ -104,17 +115,21 @@ def paper_fixed_bootstrap(scores: np.ndarray, genuine: np.ndarray, quality: np.n
     aucs = np.empty(len(draws))
     for j, d in enumerate(draws):
         wg = d[gcl]
-        cg, ce = np.cumsum(wg), np.cumsum(wg * gerr)
+        cg, ce = np.r_[0.0, np.cumsum(wg)], np.r_[0.0, np.cumsum(wg * gerr)]
         ys = []
         for r in PAPER_RATIOS:
-            target = np.floor(r * cum[-1, j])
+            target = floor_share(r, cum[-1, j])
             b = min(int(np.searchsorted(cum[:, j], target, side="right")) - 1, blocks - 1)
             within = cum[b, j] + np.cumsum(d[cl[b * BLOCK:(b + 1) * BLOCK]])
-            cut = min(b * BLOCK + int(np.searchsorted(within, target, side="right")), n)
-            ng = int(np.searchsorted(gpos, cut))  # genuine pairs among the rejected prefix
-            kept = cg[-1] - (cg[ng - 1] if ng else 0.0)
-            errors = ce[-1] - (ce[ng - 1] if ng else 0.0)
-            ys.append(errors / kept if kept > 0 else 0.0)
+            cut = min(b * BLOCK + int(np.searchsorted(within, target, side="right")), n)  # first pair not all gone
+            if cut >= n:
+                ys.append(0.0)
+                continue
+            k = int(np.searchsorted(bounds, cut, side="right")) - 1
+            a, e = int(bounds[k]), int(bounds[k + 1])
+            ga, ge = np.searchsorted(gpos, a), np.searchsorted(gpos, e)  # genuine pairs before a and e
+            wa, we = (_weight_before(cum[:, j], d[cl[(p // BLOCK) * BLOCK:p]], p) for p in (a, e))
+            ys.append(straddled_fnmr(target, (wa, we), (cg[ga], cg[ge], cg[-1]), (ce[ga], ce[ge], ce[-1])))
         aucs[j] = trapezoid(np.array(ys), PAPER_RATIOS)
     return aucs
 

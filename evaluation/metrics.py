@@ -1,7 +1,8 @@
 """Verification error and Error-versus-Reject curves, exactly as defined in the evaluation issue.
 
 Scores are similarities (higher = more similar). Pair quality is the lower of the two images'.
-Two protocols: ``paper`` (the released CR-FIQA ERC: all pairs are rejected lowest quality first) and
+Two protocols: ``paper`` (the released CR-FIQA ERC: all pairs are rejected lowest quality first, a tied
+level straddling the cut in proportion) and
 ``iso`` (ISO/IEC 29794-1 EDC as in the dasec reference code: a fixed threshold; only mated pairs count
 in the discard fraction; pairs of equal quality are discarded together).
 """
@@ -15,13 +16,40 @@ import numpy as np
 PAPER_RATIOS = np.round(np.arange(0.0, 0.951, 0.05), 2)
 
 
+def floor_share(ratio: float, n: float) -> int:
+    """floor(ratio * n) for a share given in decimals: a float product can land just below the integer it
+    means (0.35 * 180 = 62.99999...), which would reject one pair too few."""
+    return int(np.floor(ratio * n + 1e-9))
+
+
+def levels(sorted_quality: np.ndarray) -> np.ndarray:
+    """Start index of each run of equal values in an ascending array, then its length (one more entry)."""
+    q = np.asarray(sorted_quality)
+    return np.r_[0, np.flatnonzero(q[1:] != q[:-1]) + 1, q.size]
+
+
+def straddled_fnmr(cut: float, level: tuple[float, float], genuine: tuple[float, float, float],
+                   errors: tuple[float, float, float]) -> float:
+    """FNMR of the kept genuine pairs when pairs are rejected lowest quality first up to weight ``cut``, and
+    the quality level straddling the cut (weights before it and after it: ``level``) is rejected in
+    proportion: the expectation over every order of its tied pairs, so the order pairs are listed in (all-vs-
+    all lists genuine pairs first) can neither help nor hurt a method with many equal qualities.
+    ``genuine``/``errors``: the genuine weight and the false non-match weight before the level, after it
+    (cumulative, at its end) and in all."""
+    before, after = level
+    kept_share = (after - cut) / (after - before) if after > before else 0.0
+    kept = genuine[2] - genuine[1] + (genuine[1] - genuine[0]) * kept_share
+    wrong = errors[2] - errors[1] + (errors[1] - errors[0]) * kept_share
+    return float(wrong / kept) if kept > 0 else 0.0
+
+
 def threshold_at_fmr(impostor: np.ndarray, fmr: float) -> float:
     """Sort impostor scores descending s(1) >= ... >= s(n), k = floor(fmr * n); t = s(k+1) (s(n) if k >= n).
     A comparison matches when its score is > t."""
     s = np.sort(np.asarray(impostor, dtype=np.float64))[::-1]
     if s.size == 0:
         raise ValueError("no impostor scores to set a threshold on")
-    k = int(np.floor(fmr * s.size))
+    k = floor_share(fmr, s.size)
     return float(s[k] if k < s.size else s[-1])
 
 
@@ -29,7 +57,7 @@ def threshold_at_fnmr(genuine: np.ndarray, fnmr: float) -> float:
     """The threshold at which a share ``fnmr`` of the genuine scores are non-matches (<= t):
     sort ascending g(1) <= ... <= g(m), k = floor(fnmr * m); t = g(k) (below every score when k = 0)."""
     g = np.sort(np.asarray(genuine, dtype=np.float64))
-    k = int(np.floor(fnmr * g.size))
+    k = floor_share(fnmr, g.size)
     return float(g[k - 1]) if k > 0 else float(np.nextafter(g[0], -np.inf))
 
 
@@ -62,24 +90,42 @@ class Curve:
 
 def erc_paper(scores: np.ndarray, genuine: np.ndarray, quality: np.ndarray, fmr: float,
               threshold_mode: str = "per-step", ratios: np.ndarray = PAPER_RATIOS) -> Curve:
-    """The released CR-FIQA ERC: reject the floor(r*N) lowest-quality pairs (stable, ties in input order)
-    of all N pairs; FNMR of the kept genuine pairs at the FMR threshold (recomputed on the kept impostors
-    per step, or fixed once on all impostors); AUC = trapezoid over the ratios."""
-    scores, genuine = np.asarray(scores, np.float64), np.asarray(genuine, bool)
-    order = np.argsort(np.asarray(quality, np.float64), kind="stable")
-    s, g = scores[order], genuine[order]
-    n = s.size
-    fixed = threshold_at_fmr(s[~g], fmr) if threshold_mode == "fixed" else None
+    """The released CR-FIQA ERC: reject the floor(r*N) lowest-quality pairs of all N pairs; FNMR of the kept
+    genuine pairs at the FMR threshold (fixed once on all impostors, or recomputed on the kept impostors per
+    step); AUC = trapezoid over the ratios. Ties: with the fixed threshold the level straddling the cut is
+    rejected in proportion (``straddled_fnmr``); per step, tied pairs go in a seeded random order (the
+    threshold moves with which impostors remain), never in the order they are listed."""
     if threshold_mode not in ("fixed", "per-step"):
         raise ValueError("threshold_mode must be per-step or fixed")
+    scores, genuine = np.asarray(scores, np.float64), np.asarray(genuine, bool)
+    quality = np.asarray(quality, np.float64)
+    n = scores.size
+    if threshold_mode == "fixed":
+        order = np.argsort(quality, kind="stable")
+        s, g = scores[order], genuine[order]
+        fixed = threshold_at_fmr(s[~g], fmr)
+        cg, ce = np.r_[0, np.cumsum(g)], np.r_[0, np.cumsum(g & (s <= fixed))]
+        bounds = levels(quality[order])
+        ys = []
+        for r in ratios:
+            cut = floor_share(r, n)
+            if cut >= n:
+                ys.append(0.0)
+                continue
+            k = int(np.searchsorted(bounds, cut, side="right")) - 1
+            a, e = int(bounds[k]), int(bounds[k + 1])
+            ys.append(straddled_fnmr(cut, (a, e), (cg[a], cg[e], cg[-1]), (ce[a], ce[e], ce[-1])))
+        y = np.array(ys)
+        return Curve(np.asarray(ratios, np.float64), y, fixed, trapezoid(y, ratios))
+    order = np.lexsort((np.random.default_rng(0).permutation(n), quality))
+    s, g = scores[order], genuine[order]
     ys = []
     for r in ratios:
-        keep = slice(int(np.floor(r * n)), None)
+        keep = slice(floor_share(r, n), None)
         ks, kg = s[keep], g[keep]
-        t = fixed if fixed is not None else (threshold_at_fmr(ks[~kg], fmr) if (~kg).any() else np.inf)
-        ys.append(fnmr(ks[kg], t))
+        ys.append(fnmr(ks[kg], threshold_at_fmr(ks[~kg], fmr) if (~kg).any() else np.inf))
     y = np.array(ys)
-    return Curve(np.asarray(ratios, np.float64), y, fixed, trapezoid(y, ratios))
+    return Curve(np.asarray(ratios, np.float64), y, None, trapezoid(y, ratios))
 
 
 def edc_iso(genuine_scores: np.ndarray, genuine_quality: np.ndarray, threshold: float) -> Curve:
@@ -130,9 +176,10 @@ def verification_accuracy(scores: np.ndarray, genuine: np.ndarray) -> tuple[floa
         return float(np.mean(~g)), float("inf")
     order = np.argsort(s, kind="stable")
     ss, gg = s[order], g[order]
-    # accuracy(t) for t = each score: genuine above t correct, impostors at/below t correct
-    gen_le = np.cumsum(gg)
-    imp_le = np.cumsum(~gg)
-    acc = (imp_le + (gg.sum() - gen_le)) / s.size
+    # accuracy(t) at t = each distinct score (the last of its ties: no threshold splits equal scores):
+    # genuine above t correct, impostors at/below t correct; plus t below every score (all match).
+    ends = levels(ss)[1:] - 1
+    gen_le, imp_le = np.cumsum(gg)[ends], np.cumsum(~gg)[ends]
+    acc = np.r_[gg.mean(), (imp_le + (gg.sum() - gen_le)) / s.size]
     best = int(np.argmax(acc))
-    return float(acc[best]), float(ss[best])
+    return float(acc[best]), float(np.nextafter(ss[0], -np.inf) if best == 0 else ss[ends[best - 1]])

@@ -112,7 +112,7 @@ def baseline(name: str, faces: Faces, pipeline: Pipeline, seed: int = 0) -> np.n
     kind, _, arg = name.partition(":")
     n = len(faces.keys)
     if kind == "random":
-        q = np.random.default_rng(seed).random(n)
+        q = np.random.default_rng([seed, 1]).random(n)  # not the stream the bootstrap draws from with the seed
     elif kind == "det_score":
         q = faces.det_score.copy()
     elif kind == "eye_distance":

@@ -82,12 +82,29 @@ def test_paper_erc_per_step_recomputes_threshold() -> None:
     assert curve.threshold is None and curve.y[2] == 0.0
 
 
-def test_paper_erc_ties_keep_input_order() -> None:
+def test_paper_erc_rejects_a_tied_level_in_proportion() -> None:
+    """Half of a tied level rejected keeps half its genuine pairs and half its errors, whichever is listed first
+    (input order rejected the genuine error first: FNMR 0.0, a gain no quality earned)."""
     s = np.array([0.1, 0.9, 0.2, 0.3])
     g = np.array([1, 1, 0, 0], bool)
-    q = np.array([0.5, 0.5, 0.9, 0.9])  # a tie: the first pair in input order goes first
-    c = erc_paper(s, g, q, 0.5, "fixed", np.array([0.0, 0.25]))
-    assert list(c.y) == [0.5, 0.0]
+    q = np.array([0.5, 0.5, 0.9, 0.9])  # t at FMR 0.5 = 0.2: pair 0 is a false non-match
+    for order in ([0, 1, 2, 3], [1, 0, 3, 2]):
+        c = erc_paper(s[order], g[order], q[order], 0.5, "fixed", np.array([0.0, 0.25]))
+        assert list(c.y) == [0.5, 0.5]
+
+
+def test_an_uninformative_quality_has_a_flat_erc_whatever_the_listing_order() -> None:
+    """A constant quality (every pair tied) rejects nothing it knows about: FNMR stays at its start, and the
+    AUC is FNMR(0) x 0.95, with genuine pairs listed first (as all-vs-all does) or last."""
+    rng = np.random.default_rng(3)
+    genuine = np.r_[np.ones(500, bool), np.zeros(20_000, bool)]
+    scores = np.where(genuine, rng.normal(0.6, 0.2, genuine.size), rng.normal(0.0, 0.1, genuine.size))
+    flat = np.zeros(genuine.size)
+    for order in (np.arange(genuine.size), np.arange(genuine.size)[::-1]):
+        c = erc_paper(scores[order], genuine[order], flat, 1e-3, "fixed")
+        assert c.auc == pytest.approx(c.y[0] * 0.95, rel=1e-9) and np.allclose(c.y, c.y[0])
+    per_step = erc_paper(scores, genuine, flat, 1e-3, "per-step")
+    assert abs(per_step.auc - per_step.y[0] * 0.95) < 0.25 * per_step.y[0]  # random tie order: near flat
 
 
 # ---------------------------------------------------------------- ISO EDC
@@ -284,27 +301,25 @@ def test_end_to_end_with_real_recognition_model(small_set: Path, tmp_path: Path)
     assert all(a["images_rejected"] <= b["images_rejected"] for a, b in itertools.pairwise(guidance))
 
 
-def test_paper_bootstrap_equals_replicating_pairs() -> None:
-    """The block-table bootstrap gives exactly the AUC of the paper ERC on pairs replicated by weight."""
+@pytest.mark.parametrize("ties", [True, False], ids=["quality-ties", "continuous"])
+def test_paper_bootstrap_equals_replicating_pairs(ties: bool) -> None:
+    """The block-table bootstrap gives exactly the paper ERC's AUC on the pairs replicated by weight (a pair
+    drawn k times is k tied copies: the copies straddling a cut are rejected in proportion, as erc_paper does)."""
     from crfiqa.evaluation.evaluate import BLOCK, paper_fixed_bootstrap
 
     rng = np.random.default_rng(5)
     n = 3 * BLOCK + 123
-    scores, quality = rng.random(n), rng.integers(0, 50, n).astype(float)  # many quality ties
+    scores = rng.random(n)
+    quality = rng.integers(0, 50, n).astype(float) if ties else rng.random(n)
     genuine = rng.random(n) < 0.1
     cluster = rng.integers(0, 40, n)
     draws = rng.integers(0, 3, (4, 40)).astype(float)
-    t = 0.3
-    got = paper_fixed_bootstrap(scores, genuine, quality, t, cluster, draws)
-    for d, auc in zip(draws, got):
-        order = np.argsort(quality, kind="stable")
-        reps = d[cluster[order]].astype(int)
-        s, g = np.repeat(scores[order], reps), np.repeat(genuine[order], reps)
-        ys = []
-        for r in np.round(np.arange(0, 0.951, 0.05), 2):
-            keep = slice(int(np.floor(r * s.size)), None)
-            ys.append(fnmr(s[keep][g[keep]], t))
-        assert auc == pytest.approx(trapezoid(np.array(ys), np.round(np.arange(0, 0.951, 0.05), 2)), abs=1e-12)
+    for d in draws:
+        reps = d[cluster].astype(int)
+        s, g, q = np.repeat(scores, reps), np.repeat(genuine, reps), np.repeat(quality, reps)
+        t = threshold_at_fmr(s[~g], 0.01)
+        (got,) = paper_fixed_bootstrap(scores, genuine, quality, t, cluster, d[None])
+        assert got == pytest.approx(erc_paper(s, g, q, 0.01, "fixed").auc, abs=1e-12)
 
 
 @pytest.mark.slow
@@ -468,3 +483,15 @@ def test_csv_quality_scales_to_large_files(tmp_path: Path) -> None:
     assert list(q) == list(range(n))
     # Matching by scanning every CSV path per image (20,000 x 20,000 comparisons) took minutes.
     assert time.perf_counter() - start < 20
+
+
+def test_accuracy_never_splits_tied_scores_and_shares_floor_exactly() -> None:
+    """No threshold separates equal scores: four tied scores, half genuine, are at best 50 % accurate; and
+    a share in decimals of a count rejects what it says (0.35 x 180 = 63, not the float's 62.99...)."""
+    from crfiqa.evaluation.metrics import floor_share, verification_accuracy
+
+    acc, t = verification_accuracy(np.array([0.5, 0.5, 0.5, 0.5]), np.array([0, 0, 1, 1], bool))
+    assert acc == 0.5
+    acc, t = verification_accuracy(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1], bool))
+    assert acc == 1.0 and 0.2 <= t < 0.8
+    assert floor_share(0.35, 180) == 63 and floor_share(0.05, 19) == 0 and floor_share(1e-3, 1000) == 1

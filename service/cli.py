@@ -174,6 +174,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             n_ok += result.ok
             if annotated is not None and prepared.image is not None:
                 _write_annotation(prepared.image.rgb, result, annotated[result.source])
+            if not args.components:  # computed for the drawing's weakest component; output as asked
+                for face in result.faces:
+                    face.components = None
             if writer is not None:
                 writer.writerows(_csv_rows(result, args.components))
             else:

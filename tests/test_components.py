@@ -258,6 +258,7 @@ def test_cli_score_components_json_csv_and_annotate(tmp_path: Path) -> None:
     ann = tmp_path / "ann"
     r = crfiqa("score", *src, "--annotate", str(ann), "--quiet")
     assert r.returncode == 0, r.stderr
+    assert not any("components" in f for line in r.stdout.splitlines() for f in json.loads(line)["faces"])
     written = sorted(p.relative_to(ann).as_posix() for p in ann.rglob("*") if p.is_file())
     assert len(written) == 2, written
     for name, original in zip(written, sorted(src, key=lambda s: Path(s).name)):

@@ -212,6 +212,24 @@ def test_loss_reports_named_parts() -> None:
     assert set(out.report) == {"ccs", "nnccs", "cr", "qs"}
 
 
+def test_loss_runs_in_float32_inside_a_bf16_autocast_region() -> None:
+    """The training loop's bf16 autocast (CUDA there, CPU here: the same rules for F.linear) must not reach
+    the ArcFace cosines or the CR targets: the loss of bf16 activations equals the float32 loss of the same
+    values (the bf16 cosines it computed before moved the CE loss by ~0.1)."""
+    torch.manual_seed(0)
+    head = ArcFaceHead(64, 50)
+    loss = CRFIQALoss(head, "paper")
+    emb = torch.randn(32, 64).bfloat16()
+    quality = torch.rand(32, 1).bfloat16()
+    labels = torch.randint(0, 50, (32,))
+    reference = loss(emb.float(), quality.float(), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss(emb, quality, labels)
+    assert mixed.total.dtype == torch.float32
+    assert mixed.ce_loss.item() == pytest.approx(reference.ce_loss.item(), abs=1e-5)
+    assert mixed.report["cr"] == pytest.approx(reference.report["cr"], abs=1e-6)
+
+
 # ---------------------------------------------------------------- the loop
 
 def _config(tmp_path: Path, **kw) -> Path:
@@ -236,6 +254,9 @@ def test_loss_decreases(tmp_path: Path) -> None:
     assert mean("ce_loss", range(31, 41)) < 0.5 * mean("ce_loss", range(1, 6))
     assert mean("loss", range(31, 41)) < mean("loss", range(1, 6))
     assert out["step"] == 40 and (tmp_path / "run" / "latest.pt").is_file()
+    # A fresh run into the same folder would mix its checkpoints with these: refused, with what to do.
+    with pytest.raises(ValueError, match="--resume"):
+        train_main(["--config", str(_config(tmp_path)), "--max-steps", "2", "--out", str(tmp_path / "run")])
 
 
 @pytest.mark.slow
@@ -420,6 +441,15 @@ def test_v2_recipe_runs_and_resumes(tmp_path: Path) -> None:
     assert sorted(_losses(run)) == [1, 2, 3, 4] and [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_000004.pt"]
     ckpt = load_checkpoint(run)
     assert ckpt["backbone"]["qs.linear.weight"].shape == (1, 513)
+    # Another model's clean pass left in a fresh run's folder is not reused (it set that run's CR centres).
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(run / "clean_embeddings.pt", other / "clean_embeddings.pt")
+    cfg = _config(tmp_path, data=str(REC), backbone="mobilefacenet", quality_head="norm", qs_init="ridge",
+                  cr_centres="loo", head_init="class_means", seed=7)
+    train_main(["--config", str(cfg), "--max-steps", "1", "--out", str(other)])
+    first, second = (torch.load(r / "clean_embeddings.pt", weights_only=True) for r in (run, other))
+    assert first["key"] != second["key"] and not torch.equal(first["embeddings"], second["embeddings"])
 
 
 def test_anchor_calibration_meets_its_targets() -> None:

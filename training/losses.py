@@ -127,12 +127,17 @@ class CRFIQALoss(nn.Module):
                 target_cosines: torch.Tensor | None = None) -> LossOutput:
         """Both losses for one batch, and means of CCS, NNCCS, CR and the predicted quality.
 
-        ``target_cosines``: the cosines to read CR from (e.g. leave-one-out centres); default the head's."""
-        logits, cos = self.head(embeddings, labels)
-        target, ccs, nnccs = certainty_target(cos if target_cosines is None else target_cosines, labels, self.target)
-        ce = F.cross_entropy(logits, labels)
-        qs = quality.float().reshape(-1)
-        ql = self.quality_weight * F.smooth_l1_loss(qs, target, beta=self.beta)
+        ``target_cosines``: the cosines to read CR from (e.g. leave-one-out centres); default the head's.
+        Runs in float32 even inside a bf16 autocast region: there ``F.linear`` gives bf16 cosines (errors up to
+        4e-3, which would be the CR targets, times s = 64 in the logits) while CUDA autocast forces ``acos``
+        to float32, and the margin's scatter of the two dtypes fails."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            logits, cos = self.head(embeddings.float(), labels)
+            target, ccs, nnccs = certainty_target(cos if target_cosines is None else target_cosines.float(), labels,
+                                                  self.target)
+            ce = F.cross_entropy(logits, labels)
+            qs = quality.float().reshape(-1)
+            ql = self.quality_weight * F.smooth_l1_loss(qs, target, beta=self.beta)
         report = {"ccs": ccs.mean().item(), "nnccs": nnccs.mean().item(), "cr": target.mean().item(),
                   "qs": qs.detach().mean().item()}
         return LossOutput(ce, ql, report)

@@ -180,12 +180,16 @@ def prepare_targets(cfg: TrainConfig, model: QualityNet, head: ArcFaceHead, data
     if not needs_pass:
         return None
     cache = out / "clean_embeddings.pt"  # the pretrained model's clean pass: a resumed run must not redo it
-    clean = torch.load(cache, map_location="cpu", weights_only=True) if cache.exists() else None
-    if clean is None or len(clean[1]) != len(dataset):
+    # Keyed by the initial weights and the data, so a pass of another model or dataset is never reused.
+    key = f"{weights_digest(model)}:{cfg.data}:{len(dataset)}"
+    saved = torch.load(cache, map_location="cpu", weights_only=True) if cache.exists() else None
+    if isinstance(saved, dict) and saved.get("key") == key:
+        clean = (saved["embeddings"], saved["labels"])
+    else:
         clean = clean_embeddings(model, dataset, device)
         if dist_main():
             out.mkdir(parents=True, exist_ok=True)
-            torch.save(clean, cache)
+            torch.save({"key": key, "embeddings": clean[0], "labels": clean[1]}, cache)
     loo = LeaveOneOutCentres(clean[0], clean[1], dataset.num_classes) if cfg.cr_centres == "loo" else None
     if loo is not None and dist_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +263,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     optimizer = build_optimizer(cfg, model, head)
     step = 0
     out = Path(cfg.out)
+    if resume is None and any(out.glob("checkpoint_*.pt")):
+        # A fresh run here would mix its checkpoints with another run's (and pruning would delete its own).
+        raise ValueError(f"{out} holds another run's checkpoints: continue it with --resume, or use a new out")
     loo = prepare_targets(cfg, model, head, dataset, d.device, out, resume is not None)
     if resume:
         ckpt = load_checkpoint(resume)

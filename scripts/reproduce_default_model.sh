@@ -19,12 +19,14 @@ mkdir -p models/fiqa && cp -n "$shared"/models/fiqa/lightqnet-*.onnx models/fiqa
 # 2. Data: CelebA split by identity (seed 1414: 74 train / 73 dev identities), and one training tree of
 #    LFW train (298 identities) + train_extra (886) + CelebA train (74) = 1,258 identities, aligned once.
 [ -f runs/celeba_split/split.tsv ] || $py scripts/split_celeba.py "$shared/data/celeba" --out runs/celeba_split
-if [ ! -d runs/train_v2 ]; then
+if [ ! -d runs/train_v2 ]; then  # prepared aside, then moved: an interrupted step is redone, never half used
   mkdir -p runs/src_train_v2
   for d in "$shared"/data/train/*/ "$shared"/data/train_extra/*/ runs/celeba_split/train/*/; do
     ln -sfn "$(readlink -f "$d")" "runs/src_train_v2/$(basename "$d")"
   done
-  $crfiqa prepare runs/src_train_v2 --out runs/train_v2
+  rm -rf runs/train_v2.tmp
+  $crfiqa prepare runs/src_train_v2 --out runs/train_v2.tmp
+  mv runs/train_v2.tmp runs/train_v2
 fi
 
 # 3. Fit (mode closed_form: resumes from runs/crfiqa_mbf_v2/features), export optimised, calibrate on the anchors.
@@ -48,8 +50,14 @@ fi
 # 4. Evaluation sets: (a) LFW dev, half the photos degraded by ISO/IEC 29794-5 operators of ofiq-syngen
 #    that training never applies (seed 2027); (b) the CelebA dev identities' natural photos; and the
 #    in-family LFW set (degradations.py, the training augmentation's operators; seed 2026).
-[ -d runs/lfw_dev_ofiq ] || $crfiqa degrade "$shared/data/lfw/images" --out runs/lfw_dev_ofiq --seed 2027 --fraction 0.5 --family ofiq
-[ -d runs/lfw_dev_xq ] || $crfiqa degrade "$shared/data/lfw/images" --out runs/lfw_dev_xq --seed 2026 --fraction 0.5
+for spec in "lfw_dev_ofiq --seed 2027 --family ofiq" "lfw_dev_xq --seed 2026"; do  # degraded aside, then moved
+  read -r name args <<<"$spec"
+  [ -d "runs/$name" ] && continue
+  rm -rf "runs/$name.tmp"
+  # shellcheck disable=SC2086  # $args holds several flags
+  $crfiqa degrade "$shared/data/lfw/images" --out "runs/$name.tmp" --fraction 0.5 $args
+  mv "runs/$name.tmp" "runs/$name"
+done
 
 # 5. Evaluate: SFace judges; w600k_mbf (the backbone of the quality model) as the second judge.
 for rec in sface_2021dec w600k_mbf; do

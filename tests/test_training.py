@@ -427,6 +427,15 @@ def test_leave_one_out_centres_by_hand() -> None:
     assert target.item() == pytest.approx(0.0 / (c1[0].item() + 1 + 1e-9), abs=1e-6)
     again = LeaveOneOutCentres.from_state_dict(loo.state_dict())
     assert torch.allclose(again.cosines(e, torch.tensor([0]), torch.tensor([0])), cos, atol=1e-7)
+    # A class with no sample is never the nearest other class (its centre, 0, gave cosine 0 > every negative
+    # cosine); a class with one sample has no centre without it: refused, not a CR of 0.
+    gapped = LeaveOneOutCentres(bank, torch.tensor([0, 0, 2, 2]), 3)
+    far = torch.tensor([[-1.0, -1.0]])
+    nn_cos = certainty_target(gapped.cosines(far, torch.tensor([0]), torch.tensor([0])), torch.tensor([0]), "paper")[2]
+    c2 = torch.nn.functional.normalize(torch.tensor([1 / 2**0.5 - 1, 1 / 2**0.5]), dim=0)
+    assert nn_cos.item() == pytest.approx(float((torch.nn.functional.normalize(far, dim=1)[0] * c2).sum()), abs=1e-6)
+    with pytest.raises(ValueError, match="one sample"):
+        LeaveOneOutCentres(bank, torch.tensor([0, 0, 0, 1]), 2)
 
 
 @pytest.mark.slow
@@ -441,6 +450,11 @@ def test_v2_recipe_runs_and_resumes(tmp_path: Path) -> None:
     assert sorted(_losses(run)) == [1, 2, 3, 4] and [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_000004.pt"]
     ckpt = load_checkpoint(run)
     assert ckpt["backbone"]["qs.linear.weight"].shape == (1, 513)
+    # The checkpoint of a torch backbone with a norm head exports (it was rebuilt with a linear head and failed).
+    from crfiqa.training.export import export_checkpoint
+
+    export_checkpoint(str(run / "latest.pt"), str(tmp_path / "norm_head.onnx"))
+    assert {o.name for o in ort.InferenceSession(str(tmp_path / "norm_head.onnx")).get_outputs()} >= {"quality", "embedding"}
     # Another model's clean pass left in a fresh run's folder is not reused (it set that run's CR centres).
     other = tmp_path / "other"
     other.mkdir()

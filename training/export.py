@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import tomllib
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from crfiqa.service.facemodel import QualityModel, calibrate
 from crfiqa.service.preprocess import QUALITY_INPUT, to_blob
 from crfiqa.service.registry import Calibration, ModelEntry, sha256_file
 from crfiqa.service.runtime import create_session
-from crfiqa.training.backbones import QualityNet, create_backbone
+from crfiqa.training.backbones import QualityNet
 from crfiqa.training.config import TrainConfig
 from crfiqa.training.optimise import OptimiseReport, op_counts, optimise_onnx
 
@@ -232,10 +233,10 @@ def export_checkpoint(ckpt_path: str, out: str, reference: list[str] | None = No
 
     ckpt = load_checkpoint(ckpt_path)
     cfg = TrainConfig(**ckpt["config"])
-    if cfg.init_backbone and cfg.init_backbone.endswith(".onnx"):
-        model = build_model(cfg)
-    else:
-        model = create_backbone(cfg.backbone, embedding_size=cfg.embedding_size)
+    onnx_init = bool(cfg.init_backbone and cfg.init_backbone.endswith(".onnx"))
+    # The training run's architecture, quality head included (a norm head has other weights than linear);
+    # torch init weights are not read again: the checkpoint replaces them.
+    model = build_model(cfg if onnx_init else replace(cfg, init_backbone=None))
     model.load_state_dict(ckpt["backbone"])
     arch = f"onnx:{Path(cfg.init_backbone).name}" if cfg.init_backbone and cfg.init_backbone.endswith(".onnx") else cfg.backbone
     provenance = {"data": cfg.data, "init": cfg.init_backbone or "scratch", "step": str(ckpt["step"]),

@@ -79,6 +79,12 @@ class LeaveOneOutCentres:
         self.bank = F.normalize(bank.float())
         self.labels = labels.long()
         self.sums = torch.zeros(num_classes, bank.shape[1]).index_add_(0, self.labels, self.bank)
+        counts = torch.bincount(self.labels, minlength=num_classes)
+        singles = torch.nonzero(counts == 1).flatten()
+        if len(singles):  # its centre without it is nothing: CCS would be 0, and so its CR, whatever the face
+            raise ValueError(f"{len(singles)} classes have one sample (first: class {int(singles[0])}): leave-one-out "
+                             "centres need at least 2 per class; drop them from the data or use cr_centres: head")
+        self.empty = counts == 0  # a class without samples has no centre: never the nearest other class
 
     @torch.no_grad()
     def cosines(self, embeddings: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -87,6 +93,7 @@ class LeaveOneOutCentres:
         e = F.normalize(embeddings.detach().float().cpu())
         cos = F.linear(e, F.normalize(self.sums))
         own = F.normalize(self.sums[labels] - self.bank[index])
+        cos[:, self.empty] = -1.0
         cos[torch.arange(len(labels)), labels] = (e * own).sum(1)
         return cos.clamp(-1.0, 1.0).to(embeddings.device)
 

@@ -551,6 +551,17 @@ def test_identity_folds_partition_identities_and_fold_heads_see_only_their_faces
     again = torch.nn.Linear(5, 1)
     fit_head(again, cfg, [e[keep] for e in embs], [f[keep] for f in feats], contiguous)
     assert torch.allclose(lin.weight, again.weight) and torch.allclose(lin.bias, again.bias)
+    # An identity left with one face has no leave-one-out centre: its rows are left out of the fit, which
+    # equals the fit without that identity (it used to stop the fit with a ValueError after the feature pass).
+    lone = labels != 4
+    lone[16] = True  # the first of identity 4's four faces (rows 16-19)
+    single = torch.nn.Linear(5, 1)
+    _, single_targets = fit_head(single, cfg, [e[lone] for e in embs], [f[lone] for f in feats], labels[lone])
+    without = lone & (labels != 4)
+    reference = torch.nn.Linear(5, 1)
+    _, reference_targets = fit_head(reference, cfg, [e[without] for e in embs], [f[without] for f in feats],
+                                    labels[without])
+    assert torch.allclose(single_targets, reference_targets) and torch.allclose(single.weight, reference.weight)
 
 
 @pytest.mark.slow

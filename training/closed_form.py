@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ from crfiqa.training.heads import FeatureStatsHead, head_features, head_linear, 
 from crfiqa.training.losses import LeaveOneOutCentres, certainty_target
 
 SHARD = 2048  # faces per feature shard: the unit of resumption
+
+log = logging.getLogger("crfiqa.train")
 
 
 @torch.no_grad()
@@ -153,6 +156,12 @@ def fit_head(lin: torch.nn.Linear, cfg: TrainConfig, embs: list[torch.Tensor], f
     """Ridge-fit ``lin`` to the CR of these faces in every copy (CR from these faces alone: a subset of the
     identities is its own training set); (the fit's RMSE, the targets)."""
     classes, index = torch.unique(labels, return_inverse=True)
+    alone = torch.bincount(index)[index] < 2
+    if alone.any():  # no leave-one-out centre: such a face has no CR (it would be 0 whatever the face)
+        log.warning("%d identities with one face are left out of the fit", int(alone.sum()))
+        keep = ~alone
+        embs, feats = [e[keep] for e in embs], [f[keep] for f in feats]
+        classes, index = torch.unique(labels[keep], return_inverse=True)
     targets = torch.cat(cr_targets(embs, index, len(classes), cfg.cr_target))
     x = torch.cat(feats)
     return ridge_fit(lin, x, targets, alpha=cfg.ridge_alpha * len(x)), targets

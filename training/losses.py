@@ -83,7 +83,8 @@ class LeaveOneOutCentres:
         singles = torch.nonzero(counts == 1).flatten()
         if len(singles):  # its centre without it is nothing: CCS would be 0, and so its CR, whatever the face
             raise ValueError(f"{len(singles)} classes have one sample (first: class {int(singles[0])}): leave-one-out "
-                             "centres need at least 2 per class; drop them from the data or use cr_centres: head")
+                             "centres need at least 2 per class; drop them from the data (the training loop can "
+                             "also use cr_centres: head)")
         self.empty = counts == 0  # a class without samples has no centre: never the nearest other class
 
     @torch.no_grad()

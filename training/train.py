@@ -231,8 +231,8 @@ def save_checkpoint(path: Path, cfg: TrainConfig, step: int, model: QualityNet, 
     state = {"step": step, "config": cfg.to_dict(), "backbone": model.state_dict(), "head": head.state_dict(),
              "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
              "python_rng": list(random.getstate()[1]), "scheduler": {"step": step}}
-    if torch.cuda.is_available():  # dropout masks on the GPU come from its own generators
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # dropout masks on the GPU come from its generator: this rank's device's
+        state["cuda_rng"] = torch.cuda.get_rng_state()  # (every rank's is seeded and advanced alike)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -277,7 +277,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         torch.set_rng_state(ckpt["torch_rng"])
         random.setstate((3, tuple(ckpt["python_rng"]), None))
         if "cuda_rng" in ckpt and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
         step = int(ckpt["step"])
     if cfg.mode == "on_top":
         for p in model.feature_parameters():

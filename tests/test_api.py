@@ -61,6 +61,19 @@ def calibrated(raw: float, calibration: dict) -> float:
     return 100.0 / (1.0 + math.exp(-(raw - calibration["centre"]) / calibration["scale"]))
 
 
+def test_unknown_paths_and_methods_are_typed_and_counted(server: Server) -> None:
+    """404 and 405 carry the error envelope and count in crfiqa_errors_total like every other error."""
+    before = (metric(server, "crfiqa_errors_total", 'code="not_found"'),
+              metric(server, "crfiqa_errors_total", 'code="method_not_allowed"'))
+    r = httpx.get(server.url + "/v1/nothing", headers=HEADERS)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(server.url + "/v1/quality", headers=HEADERS)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    after = (metric(server, "crfiqa_errors_total", 'code="not_found"'),
+             metric(server, "crfiqa_errors_total", 'code="method_not_allowed"'))
+    assert after == (before[0] + 1, before[1] + 1)
+
+
 def test_t1_six_faces(server: Server) -> None:
     r = post_files(server, [SAMPLES / "t1.jpg"], headers={**HEADERS, "X-Request-ID": "abc-123"})
     assert r.status_code == 200, r.text

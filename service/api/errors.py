@@ -95,6 +95,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "validation_error")
+        count(request, code)
         response = error_response(code, str(exc.detail), headers=dict(exc.headers or {}))
         response.status_code = exc.status_code
         return response

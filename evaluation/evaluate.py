@@ -16,6 +16,7 @@ from crfiqa.evaluation.metrics import (
     floor_share,
     fnmr,
     halving_discard,
+    level_around,
     levels,
     pauc,
     straddled_fnmr,
@@ -125,8 +126,7 @@ def paper_fixed_bootstrap(scores: np.ndarray, genuine: np.ndarray, quality: np.n
             if cut >= n:
                 ys.append(0.0)
                 continue
-            k = int(np.searchsorted(bounds, cut, side="right")) - 1
-            a, e = int(bounds[k]), int(bounds[k + 1])
+            a, e = level_around(bounds, cut)
             ga, ge = np.searchsorted(gpos, a), np.searchsorted(gpos, e)  # genuine pairs before a and e
             wa, we = (_weight_before(cum[:, j], d[cl[(p // BLOCK) * BLOCK:p]], p) for p in (a, e))
             ys.append(straddled_fnmr(target, (wa, we), (cg[ga], cg[ge], cg[-1]), (ce[ga], ce[ge], ce[-1])))

@@ -28,6 +28,12 @@ def levels(sorted_quality: np.ndarray) -> np.ndarray:
     return np.r_[0, np.flatnonzero(q[1:] != q[:-1]) + 1, q.size]
 
 
+def level_around(bounds: np.ndarray, pos: int) -> tuple[int, int]:
+    """The [start, end) of the run of equal values (``levels``' ``bounds``) that holds index ``pos``."""
+    k = int(np.searchsorted(bounds, pos, side="right")) - 1
+    return int(bounds[k]), int(bounds[k + 1])
+
+
 def straddled_fnmr(cut: float, level: tuple[float, float], genuine: tuple[float, float, float],
                    errors: tuple[float, float, float]) -> float:
     """FNMR of the kept genuine pairs when pairs are rejected lowest quality first up to weight ``cut``, and
@@ -112,8 +118,7 @@ def erc_paper(scores: np.ndarray, genuine: np.ndarray, quality: np.ndarray, fmr:
             if cut >= n:
                 ys.append(0.0)
                 continue
-            k = int(np.searchsorted(bounds, cut, side="right")) - 1
-            a, e = int(bounds[k]), int(bounds[k + 1])
+            a, e = level_around(bounds, cut)
             ys.append(straddled_fnmr(cut, (a, e), (cg[a], cg[e], cg[-1]), (ce[a], ce[e], ce[-1])))
         y = np.array(ys)
         return Curve(np.asarray(ratios, np.float64), y, fixed, trapezoid(y, ratios))

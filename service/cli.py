@@ -159,9 +159,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from crfiqa.service.components import COMPONENT_NAMES
 
     paths, results = _iterate(args, score=True, quality=args.model)
+    inputs = {p.resolve() for p in paths}
     if args.out is not None:
-        _refuse_overwriting({p.resolve() for p in paths}, [args.out], "--out")
-    annotated = _annotation_targets(paths, args.annotate)
+        _refuse_overwriting(inputs, [args.out], "--out")
+    annotated = _annotation_targets(paths, inputs, args.annotate)
     n_ok = 0
     # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes, not a crash.
     out_fh = open(args.out, "w", newline="", encoding="utf-8", errors="surrogateescape") if args.out else None  # noqa: SIM115
@@ -207,14 +208,14 @@ def _csv_rows(result, components: bool = False) -> list[list]:
     return rows
 
 
-def _annotation_targets(paths: list[Path], directory: Path | None) -> dict[str, Path] | None:
+def _annotation_targets(paths: list[Path], inputs: set[Path], directory: Path | None) -> dict[str, Path] | None:
     """``DIR/<input's relative path>.jpg`` for each input (None without --annotate)."""
     if directory is None:
         return None
     from crfiqa.service.imaging import mirror_paths
 
     targets = {str(p): directory / rel.parent / f"{rel.name}.jpg" for p, rel in zip(paths, mirror_paths(paths))}
-    _refuse_overwriting({p.resolve() for p in paths}, list(targets.values()), "--annotate")
+    _refuse_overwriting(inputs, list(targets.values()), "--annotate")
     return targets
 
 

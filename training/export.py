@@ -238,7 +238,7 @@ def export_checkpoint(ckpt_path: str, out: str, reference: list[str] | None = No
     # torch init weights are not read again: the checkpoint replaces them.
     model = build_model(cfg if onnx_init else replace(cfg, init_backbone=None))
     model.load_state_dict(ckpt["backbone"])
-    arch = f"onnx:{Path(cfg.init_backbone).name}" if cfg.init_backbone and cfg.init_backbone.endswith(".onnx") else cfg.backbone
+    arch = f"onnx:{Path(cfg.init_backbone).name}" if onnx_init else cfg.backbone
     provenance = {"data": cfg.data, "init": cfg.init_backbone or "scratch", "step": str(ckpt["step"]),
                   "cr_target": cfg.cr_target, "mode": cfg.mode}
     return finish_export(model, Path(out), arch, name or Path(out).stem, reference, provenance,

@@ -72,11 +72,9 @@ class DynamicBatcher:
     def restart(self) -> None:
         """Start a new collector after the old one ended unexpectedly; the requests it held fail (typed).
         Batches still running answer their own requests and free their own slots."""
-        items = [*self._forming, *([self._carry] if self._carry is not None else []), *self._drain()]
-        self._forming = []
+        items = self._take_waiting()
         _fail(items, InferenceError("the inference worker stopped and was restarted; retry the request"))
         self.pending -= sum(len(it.crops) for it in items)
-        self._carry = None
         self.on_depth(self.pending)
         self.start()  # fresh slots: a slot the dead collector held is not lost
 
@@ -92,13 +90,12 @@ class DynamicBatcher:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        left = [*self._forming, *([self._carry] if self._carry is not None else []), *self._drain()]
-        self._forming, self._carry = [], None
-        _fail(left, _stopped())
+        _fail(self._take_waiting(), _stopped())
 
-    def _drain(self) -> list[_Item]:
-        """Take every item out of the queue."""
-        items = []
+    def _take_waiting(self) -> list[_Item]:
+        """Take every item not yet in a running batch: the one forming, the held-over one and the queue."""
+        items = [*self._forming, *([self._carry] if self._carry is not None else [])]
+        self._forming, self._carry = [], None
         while not self._queue.empty():
             items.append(self._queue.get_nowait())
         return items

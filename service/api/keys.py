@@ -40,15 +40,11 @@ class KeyStore:
         self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._keys: list[bytes] = []
-        if path is not None:  # at start a bad file stops the service; later, reload keeps the last good keys
-            try:
-                read_keys_file(path)
-            except (OSError, UnicodeDecodeError) as exc:
-                raise CrfiqaError(f"API keys file {path} cannot be read: {exc}", code="config_error") from exc
-        self.reload()
+        self.reload(strict=True)  # at start a bad file stops the service; later, reload keeps the last good keys
 
-    def reload(self) -> int:
-        """Read the keys file again (a bad read keeps the previous keys); returns the number of keys."""
+    def reload(self, strict: bool = False) -> int:
+        """Read the keys file again (a bad read keeps the previous keys, or with ``strict`` raises
+        ``config_error``); returns the number of keys."""
         with self._lock:
             keys = list(self.inline)
             if self.path is not None:
@@ -57,6 +53,9 @@ class KeyStore:
                     keys += read_keys_file(self.path)
                     self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
                 except (OSError, UnicodeDecodeError) as exc:
+                    if strict:
+                        raise CrfiqaError(f"API keys file {self.path} cannot be read: {exc}",
+                                          code="config_error") from exc
                     log.warning("API keys file not read; keeping the previous keys", extra={"reason": str(exc)})
                     return len(self._keys)
             self._keys = [k.encode() for k in dict.fromkeys(keys)]

@@ -164,11 +164,11 @@ class Service:
         """Stop the pools (after the batcher has stopped); a batch still running in its thread is not waited for
         (its requests were answered): uvicorn then re-raises SIGTERM, whose default action ends the process."""
         self.stopping.set()
-        stuck = self.batcher.stall_s() > 0
-        if stuck:
-            log.warning("stopping with an inference call still running", extra={"stall_s": self.batcher.stall_s()})
+        stall = self.batcher.stall_s()
+        if stall > 0:
+            log.warning("stopping with an inference call still running", extra={"stall_s": stall})
         self.workers.shutdown(wait=True)
-        self.inference.shutdown(wait=not stuck, cancel_futures=True)
+        self.inference.shutdown(wait=stall == 0, cancel_futures=True)
         if self._processes is not None:
             self._processes.shutdown(wait=True, cancel_futures=True)
 

@@ -272,6 +272,25 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert [b[s] for s in (4, 5, 6)] == pytest.approx([a[s] for s in (4, 5, 6)], rel=1e-5)
     ckpt = load_checkpoint(tmp_path / "a")
     assert ckpt["step"] == 6 and set(ckpt) >= {"backbone", "head", "optimizer", "config", "scheduler"}
+    # Continuing under other training settings is refused before any work, naming what changed.
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0\.05 there, 0\.01 here\)"):
+        train_main(["--config", str(cfg), "--max-steps", "9", "--lr", "0.01", "--out", str(resumed),
+                    "--resume", str(resumed / "start.pt")])
+
+
+@pytest.mark.slow
+def test_gradient_clipping_leaves_the_arcface_centres_alone(tmp_path: Path) -> None:
+    runs = {}
+    for clip in (0.0, 1e-6):
+        out = tmp_path / f"clip{clip}"
+        train_main(["--config", str(_config(tmp_path, grad_clip=clip)), "--max-steps", "1", "--out", str(out)])
+        runs[clip] = load_checkpoint(out)
+    free, clipped = runs[0.0], runs[1e-6]
+    # The same first step for the centres (arcface_torch clips backbone.parameters() only) ...
+    assert torch.equal(free["head"]["weight"], clipped["head"]["weight"])
+    # ... while the network's step is clipped.
+    moved = [k for k, v in free["backbone"].items() if v.is_floating_point() and not torch.equal(v, clipped["backbone"][k])]
+    assert moved
 
 
 def _digests(stdout: str) -> dict[str, str]:
@@ -572,7 +591,9 @@ def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path
     from crfiqa.training.losses import LeaveOneOutCentres
     from crfiqa.training.train import build_model
 
-    cfg = _config(tmp_path, init_backbone=str(MBF), mode="closed_form", quality_head="feature_stats",
+    init = tmp_path / "mbf.onnx"
+    shutil.copy(MBF, init)
+    cfg = _config(tmp_path, init_backbone=str(init), mode="closed_form", quality_head="feature_stats",
                   taps=["397", "509"], augment=["flip", "always_degrade"], augment_copies=1, ridge_alpha=0.01,
                   batch_size=16)
     run = tmp_path / "run"
@@ -606,11 +627,11 @@ def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path
 
     # Features made with other settings are refused, not silently reused.
     (tmp_path / "other").mkdir()
-    other = _config(tmp_path / "other", init_backbone=str(MBF), mode="closed_form", quality_head="feature_stats",
+    other = _config(tmp_path / "other", init_backbone=str(init), mode="closed_form", quality_head="feature_stats",
                     taps=["509"], augment=["flip", "always_degrade"], augment_copies=1, batch_size=16)
     with pytest.raises(ValueError, match="other taps"):
         train_main(["--config", str(other), "--out", str(run)])
-    fewer = _config(tmp_path / "other", init_backbone=str(MBF), mode="closed_form", quality_head="feature_stats",
+    fewer = _config(tmp_path / "other", init_backbone=str(init), mode="closed_form", quality_head="feature_stats",
                     taps=["397", "509"], augment=["flip", "always_degrade"], augment_copies=1, ridge_alpha=0.01,
                     batch_size=16, max_per_identity=2)  # other faces, same settings otherwise
     with pytest.raises(ValueError, match=r"other .*faces"):
@@ -626,3 +647,14 @@ def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path
         ref = model.eval()(torch.from_numpy(to_blob(crops))).quality.numpy()[:, 0]
     p, entry = resolve(str(tmp_path / "q.onnx"), "quality")
     assert np.abs(QualityModel(p, entry, ("CPUExecutionProvider",)).predict(crops) - ref).max() <= 1e-4
+
+    # Another network saved at the same path makes other features: refused, though no setting changed.
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(init))
+    weight = next(t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    onnx.save(graph, str(init))
+    with pytest.raises(ValueError, match=r"other .*weights"):
+        train_main(["--config", str(cfg), "--out", str(run)])

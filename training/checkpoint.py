@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -43,3 +44,16 @@ def load_state_dict_checked(model: nn.Module, state: Mapping, source: str | Path
     """Load ``state`` into ``model`` after ``fit_state_dict`` (excluded keys keep the model's values)."""
     model.load_state_dict(fit_state_dict(model, state, source, exclude), strict=False)
     return model
+
+
+def weights_digest(*modules: nn.Module, exclude: Sequence[str] = ()) -> str:
+    """sha256 over every parameter and buffer (keys starting with ``exclude`` left out): equal digests =
+    identical weights (DDP ranks, caches of a model's outputs)."""
+    h = hashlib.sha256()
+    for m in modules:
+        for name, t in sorted(m.state_dict().items()):
+            if name.startswith(tuple(exclude)):
+                continue
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from crfiqa.service.preprocess import to_blob
+from crfiqa.training.checkpoint import weights_digest
 from crfiqa.training.config import TrainConfig
 from crfiqa.training.data import open_dataset
 from crfiqa.training.data.augment import build_augmentations
@@ -94,8 +95,9 @@ def copy_features(model: torch.nn.Module, dataset, copy: int, out: Path, batch_s
     return torch.cat(embs), torch.cat(feats)
 
 
-#: The settings that decide what a feature shard holds (augment_copies only decides how many copies there are).
-SHARD_KEYS = ("data", "init_backbone", "backbone", "quality_head", "taps", "augment", "max_per_identity", "seed")
+#: The settings that decide what a feature shard holds (augment_copies only decides how many copies there are;
+#: the network is keyed by its weights, wherever its file lies).
+SHARD_KEYS = ("data", "backbone", "quality_head", "taps", "augment", "max_per_identity", "seed")
 
 
 def training_set(cfg: TrainConfig):
@@ -111,9 +113,13 @@ def samples_digest(dataset) -> str:
     return hashlib.sha256(repr([(name(k), label) for k, label in dataset.samples]).encode()).hexdigest()
 
 
-def check_shards(cfg: TrainConfig, out: Path, dataset) -> None:
-    """Refuse to reuse feature shards written with other settings or other faces (they would be stale)."""
-    key = {**{k: getattr(cfg, k) for k in SHARD_KEYS}, "faces": len(dataset), "samples": samples_digest(dataset)}
+def check_shards(cfg: TrainConfig, out: Path, dataset, model: torch.nn.Module) -> None:
+    """Refuse to reuse feature shards written with other settings, other faces or another network's weights
+    (they would be stale)."""
+    # The network by its weights, not the init_backbone path: a file replaced at the same path is another
+    # network. qs is left out: it is what the shards are fitted into (a finished run reopens its shards).
+    key = {**{k: getattr(cfg, k) for k in SHARD_KEYS}, "faces": len(dataset), "samples": samples_digest(dataset),
+           "weights": weights_digest(model, exclude=("qs.",))}
     path = out / "features" / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -130,7 +136,7 @@ def all_copies(cfg: TrainConfig, model: torch.nn.Module, out: Path) -> tuple[obj
     """(the training set, embeddings per copy, head features per copy): extracted, or reloaded from
     ``out``'s shards when they were made with these settings and faces."""
     dataset = training_set(cfg)
-    check_shards(cfg, out, dataset)
+    check_shards(cfg, out, dataset, model)
     model.eval().requires_grad_(False)
     embs, feats = [], []
     copies = 1 + cfg.augment_copies

@@ -6,7 +6,6 @@ Runs as one CPU process or under ``torchrun`` (DDP: NCCL on GPU, gloo on CPU). O
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from crfiqa.training.backbones import QualityNet, create_backbone
 from crfiqa.training.backbones.onnx_import import OnnxBackbone
-from crfiqa.training.checkpoint import load_state_dict_checked
+from crfiqa.training.checkpoint import load_state_dict_checked, weights_digest
 from crfiqa.training.closed_form import fit_closed_form
 from crfiqa.training.config import TrainConfig
 from crfiqa.training.data import open_dataset
@@ -215,16 +214,6 @@ def dist_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def weights_digest(*modules: nn.Module) -> str:
-    """sha256 over every parameter and buffer: equal digests = identical weights (DDP ranks)."""
-    h = hashlib.sha256()
-    for m in modules:
-        for name, t in sorted(m.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def save_checkpoint(path: Path, cfg: TrainConfig, step: int, model: QualityNet, head: ArcFaceHead,
                     optimizer: torch.optim.Optimizer) -> None:
     """Everything needed to continue exactly (atomic write)."""
@@ -236,6 +225,26 @@ def save_checkpoint(path: Path, cfg: TrainConfig, step: int, model: QualityNet, 
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+#: Settings a resumed run may change: where it writes, how long it runs, how it logs and which resources it uses.
+RESUMABLE_CHANGES = ("out", "max_steps", "workers", "threads", "log_every", "checkpoint_every", "keep_checkpoints")
+
+
+def check_resume(cfg: TrainConfig, saved: TrainConfig, source: str | Path) -> None:
+    """Refuse to continue a checkpoint under settings that change what it trains (data, model, loss, optimiser,
+    schedule): the run would silently be neither the saved one nor the asked one."""
+    def same(key: str) -> bool:
+        a, b = getattr(cfg, key), getattr(saved, key)
+        if key in ("data", "init_backbone") and a and b:
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    changed = [k for k in cfg.to_dict() if k not in RESUMABLE_CHANGES and not same(k)]
+    if changed:
+        listing = "; ".join(f"{k}: {getattr(saved, k)!r} there, {getattr(cfg, k)!r} here" for k in changed)
+        raise ValueError(f"{source} was trained with other settings ({listing}): resume with its config "
+                         "(the run directory's config.yaml), or start a new run")
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -268,9 +277,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     if resume is None and any(out.glob("checkpoint_*.pt")):
         # A fresh run here would mix its checkpoints with another run's (and pruning would delete its own).
         raise ValueError(f"{out} holds another run's checkpoints: continue it with --resume, or use a new out")
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        check_resume(cfg, TrainConfig(**ckpt["config"]), resume)
     loo = prepare_targets(cfg, model, head, dataset, d.device, out, resume is not None)
-    if resume:
-        ckpt = load_checkpoint(resume)
+    if ckpt is not None:
         model.load_state_dict(ckpt["backbone"])
         head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -332,7 +343,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             result.total.backward()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                # The network's gradients only, as arcface_torch and CR-FIQA clip (backbone.parameters()): the
+                # ArcFace centres' gradients, large early on, would otherwise shrink the backbone's step.
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             step += 1
             bar.update(1)

@@ -51,7 +51,7 @@ class Pairs:
 
     scores: np.ndarray  # [P] cosine; -inf where an image failed
     genuine: np.ndarray  # [P] bool
-    cluster: np.ndarray  # [P] identity cluster (for the bootstrap)
+    cluster: np.ndarray  # [P, 2] identity clusters of the two images (for the bootstrap)
     quality: dict[str, np.ndarray] = field(default_factory=dict)  # method -> [P] min of the two qualities
 
 
@@ -93,10 +93,20 @@ def _weight_before(cum: np.ndarray, head: np.ndarray, pos: int) -> float:
     return float(cum[min(pos // BLOCK, cum.size - 1)] + head.sum())
 
 
+def pair_weights(d: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """A bootstrap draw's weight of each pair: the mean multiplicity of its two images' identities.
+
+    A genuine pair weighs its identity's multiplicity. An impostor pair is credited half to each side: the
+    linear part of the two-way weight d_left x d_right, so the block table below stays one matrix product,
+    and, unlike crediting the left identity, it does not depend on which image a protocol lists first (all-
+    vs-all lists the earlier identity first, so the first identities carried nearly all impostors)."""
+    return 0.5 * (d[clusters[..., 0]] + d[clusters[..., 1]])
+
+
 def paper_fixed_bootstrap(scores: np.ndarray, genuine: np.ndarray, quality: np.ndarray, threshold: float,
                           cluster_index: np.ndarray, draws: np.ndarray) -> np.ndarray:
     """Paper-protocol AUCs (fixed threshold) for each bootstrap draw (rows of ``draws``: multiplicity of
-    each identity cluster; a pair's weight is its cluster's).
+    each identity cluster; a pair's weight is ``pair_weights``; ``cluster_index`` [P, 2]).
 
     With ~1.2 M all-vs-all pairs, weighting every pair per draw is too slow, so the cumulative weight of
     the quality-ordered pairs is read from a table of per-block cluster counts (one matrix product for all
@@ -107,28 +117,30 @@ def paper_fixed_bootstrap(scores: np.ndarray, genuine: np.ndarray, quality: np.n
     bounds = levels(quality[order])
     gpos = np.flatnonzero(genuine[order])
     gcl, gerr = cl[gpos], (scores[order][gpos] <= threshold).astype(np.float64)
-    n, n_clusters = cl.size, draws.shape[1]
+    n, n_clusters = len(cl), draws.shape[1]
     blocks = -(-n // BLOCK)
     counts = np.zeros((blocks + 1, n_clusters))
     for b in range(blocks):
-        counts[b + 1] = counts[b] + np.bincount(cl[b * BLOCK:(b + 1) * BLOCK], minlength=n_clusters)
+        block = cl[b * BLOCK:(b + 1) * BLOCK]
+        counts[b + 1] = counts[b] + 0.5 * (np.bincount(block[:, 0], minlength=n_clusters)
+                                           + np.bincount(block[:, 1], minlength=n_clusters))
     cum = counts @ draws.T  # [blocks + 1, draws]: weight of the pairs before each block
     aucs = np.empty(len(draws))
     for j, d in enumerate(draws):
-        wg = d[gcl]
+        wg = pair_weights(d, gcl)
         cg, ce = np.r_[0.0, np.cumsum(wg)], np.r_[0.0, np.cumsum(wg * gerr)]
         ys = []
         for r in PAPER_RATIOS:
             target = floor_share(r, cum[-1, j])
             b = min(int(np.searchsorted(cum[:, j], target, side="right")) - 1, blocks - 1)
-            within = cum[b, j] + np.cumsum(d[cl[b * BLOCK:(b + 1) * BLOCK]])
+            within = cum[b, j] + np.cumsum(pair_weights(d, cl[b * BLOCK:(b + 1) * BLOCK]))
             cut = min(b * BLOCK + int(np.searchsorted(within, target, side="right")), n)  # first pair not all gone
             if cut >= n:
                 ys.append(0.0)
                 continue
             a, e = level_around(bounds, cut)
             ga, ge = np.searchsorted(gpos, a), np.searchsorted(gpos, e)  # genuine pairs before a and e
-            wa, we = (_weight_before(cum[:, j], d[cl[(p // BLOCK) * BLOCK:p]], p) for p in (a, e))
+            wa, we = (_weight_before(cum[:, j], pair_weights(d, cl[(p // BLOCK) * BLOCK:p]), p) for p in (a, e))
             ys.append(straddled_fnmr(target, (wa, we), (cg[ga], cg[ge], cg[-1]), (ce[ga], ce[ge], ce[-1])))
         aucs[j] = trapezoid(np.array(ys), PAPER_RATIOS)
     return aucs
@@ -187,7 +199,7 @@ def _differences(boot: dict[str, np.ndarray], point: dict[str, float]) -> dict:
 
 def _iso(pairs: Pairs, methods: list[str], t: float, settings: Settings, draws, cluster_index) -> dict:
     g = pairs.genuine
-    sg, cg = pairs.scores[g], cluster_index[g]
+    sg, cg = pairs.scores[g], cluster_index[g, 0]  # a genuine pair's two images share one identity
     out: dict = {"methods": {}, "differences": {}}
     for limit in settings.pauc_limits:
         boot: dict[str, np.ndarray] = {}

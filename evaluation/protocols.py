@@ -27,9 +27,10 @@ class Protocol:
 
     @property
     def cluster(self) -> np.ndarray:
-        """Identity cluster of each pair (of its first image), for the identity bootstrap."""
+        """Identity cluster of each pair's two images [P, 2] (left, right), for the identity bootstrap."""
         ids = {name: k for k, name in enumerate(dict.fromkeys(self.identities))}
-        return np.array([ids[self.identities[i]] for i in self.left], dtype=np.int64)
+        of_image = np.array([ids[who] for who in self.identities], dtype=np.int64)
+        return np.stack([of_image[self.left], of_image[self.right]], axis=1)
 
 
 def lfw_pairs(pairs_file: str | Path, images: str | Path) -> Protocol:

@@ -136,7 +136,8 @@ def _synthetic(n_ids: int, seed: int = 0) -> Pairs:
     imp_s = rng.normal(0.0, 0.1, n_ids * 20)
     scores = np.r_[gen_s, imp_s]
     genuine = np.r_[np.ones(gen_s.size, bool), np.zeros(imp_s.size, bool)]
-    cluster = np.r_[np.repeat(np.arange(n_ids), per), rng.integers(0, n_ids, imp_s.size)]
+    own = np.repeat(np.arange(n_ids), per)
+    cluster = np.r_[np.stack([own, own], 1), rng.integers(0, n_ids, (imp_s.size, 2))]
     q = np.r_[gen_q, rng.random(imp_s.size)]
     return Pairs(scores, genuine, cluster, {"good": q, "random": rng.random(q.size), "same": q.copy()})
 
@@ -312,14 +313,18 @@ def test_paper_bootstrap_equals_replicating_pairs(ties: bool) -> None:
     scores = rng.random(n)
     quality = rng.integers(0, 50, n).astype(float) if ties else rng.random(n)
     genuine = rng.random(n) < 0.1
-    cluster = rng.integers(0, 40, n)
-    draws = rng.integers(0, 3, (4, 40)).astype(float)
+    cluster = rng.integers(0, 40, (n, 2))
+    cluster[genuine, 1] = cluster[genuine, 0]  # a genuine pair's images share an identity
+    draws = 2 * rng.integers(0, 3, (4, 40)).astype(float)  # even: every pair's weight is whole
     for d in draws:
-        reps = d[cluster].astype(int)
+        reps = ((d[cluster[:, 0]] + d[cluster[:, 1]]) // 2).astype(int)  # an impostor half each side's
         s, g, q = np.repeat(scores, reps), np.repeat(genuine, reps), np.repeat(quality, reps)
         t = threshold_at_fmr(s[~g], 0.01)
         (got,) = paper_fixed_bootstrap(scores, genuine, quality, t, cluster, d[None])
         assert got == pytest.approx(erc_paper(s, g, q, 0.01, "fixed").auc, abs=1e-12)
+        # Which image a protocol lists first does not matter.
+        (swapped,) = paper_fixed_bootstrap(scores, genuine, quality, t, cluster[:, ::-1], d[None])
+        assert swapped == pytest.approx(got, abs=1e-12)
 
 
 @pytest.mark.slow

@@ -121,9 +121,8 @@ def paper_fixed_bootstrap(scores: np.ndarray, genuine: np.ndarray, quality: np.n
     blocks = -(-n // BLOCK)
     counts = np.zeros((blocks + 1, n_clusters))
     for b in range(blocks):
-        block = cl[b * BLOCK:(b + 1) * BLOCK]
-        counts[b + 1] = counts[b] + 0.5 * (np.bincount(block[:, 0], minlength=n_clusters)
-                                           + np.bincount(block[:, 1], minlength=n_clusters))
+        # pair_weights in table form: each image's identity counts half
+        counts[b + 1] = counts[b] + 0.5 * np.bincount(cl[b * BLOCK:(b + 1) * BLOCK].ravel(), minlength=n_clusters)
     cum = counts @ draws.T  # [blocks + 1, draws]: weight of the pairs before each block
     aucs = np.empty(len(draws))
     for j, d in enumerate(draws):

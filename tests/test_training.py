@@ -624,6 +624,10 @@ def test_closed_form_fit_is_ridge_resumes_from_shards_and_exports(tmp_path: Path
     train_main(["--config", str(cfg), "--out", str(run)])
     assert shards[0].stat().st_mtime_ns == kept and shards[1].exists()
     assert torch.allclose(load_checkpoint(run / "latest.pt")["backbone"]["qs.linear.weight"], weight, atol=1e-6)
+    # --resume naming this run is what it does anyway; naming another run would be ignored: refused.
+    train_main(["--config", str(cfg), "--out", str(run), "--resume", str(run / "latest.pt")])
+    with pytest.raises(ValueError, match="its own out"):
+        train_main(["--config", str(cfg), "--out", str(run), "--resume", str(tmp_path / "elsewhere")])
 
     # Features made with other settings are refused, not silently reused.
     (tmp_path / "other").mkdir()

@@ -255,6 +255,17 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def check_closed_form_resume(cfg: TrainConfig, resume: str | None) -> None:
+    """A closed_form run always resumes from the feature shards in its own ``out``; ``--resume`` naming
+    another run would be silently ignored, so it is refused."""
+    if resume is None:
+        return
+    out = Path(cfg.out).resolve()
+    if Path(resume).resolve() not in (out, out / "latest.pt"):
+        raise ValueError(f"mode closed_form resumes from the feature shards in its own out ({cfg.out}), not from "
+                         f"{resume}: rerun with --out set to that run, or drop --resume")
+
+
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     """Run (or continue) a training job; returns the last step's numbers and the weights digest."""
     d = setup_distributed()
@@ -265,6 +276,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     if cfg.mode == "closed_form":  # one pass of a frozen network and a solve; resumes from its feature shards
         if d.world > 1:
             raise ValueError("mode closed_form runs in one process (no torchrun)")
+        check_closed_form_resume(cfg, resume)
         return fit_closed_form(cfg, build_model(cfg))
     dataset = open_dataset(cfg.data, augment=build_augmentations(cfg.augment),
                            max_per_identity=cfg.max_per_identity, seed=cfg.seed)

@@ -32,8 +32,9 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", "
 DEFAULT_EMBEDDER = "w600k_mbf"
 #: Cosine-similarity thresholds per embedder, measured on the LFW dev images (benchmarks/bestshot_threshold.py;
 #: table in docs/components.md): FMR over all 1.2 M cross-identity pairs / FNMR on the 500 genuine pairs =
-#: w600k_mbf 4.1e-5 / 1.4 %; crfiqa_mbf's embedding (fine-tuned for quality on 298 people) 8.4e-5 / 5.6 %.
-DEFAULT_THRESHOLDS: dict[str, float] = {"w600k_mbf": 0.30, "crfiqa_mbf": 0.40}
+#: w600k_mbf 4.1e-5 / 1.4 %. crfiqa_mbf v2's embedding output is w600k_mbf's, unchanged (its backbone is frozen),
+#: so it shares the threshold (v1's fine-tuned embedding needed 0.40).
+DEFAULT_THRESHOLDS: dict[str, float] = {"w600k_mbf": 0.30, "crfiqa_mbf": 0.30}
 EMBED_CHUNK = 64  # faces embedded per adapter call
 
 

@@ -231,3 +231,17 @@ def test_api_best_without_its_recognition_model_is_a_typed_503(tmp_path: Path) -
     finally:
         srv.stop()
 
+
+
+def test_quality_embedder_shares_w600k_mbf_threshold_because_it_is_its_embedding() -> None:
+    """crfiqa_mbf v2's ``embedding`` output is w600k_mbf's (frozen backbone), so ``--embedder quality`` must use
+    w600k_mbf's measured threshold; a model whose embedding drifted would need its own measurement."""
+    from crfiqa.service.bestshot import DEFAULT_THRESHOLDS, create_embedder
+    from crfiqa.service.pipeline import PipelineSettings
+
+    pipe = Pipeline(PipelineSettings(models_dir=SHARED_MODELS, providers=("CPUExecutionProvider",)))
+    crops = np.concatenate([prepared.crops for _, prepared in pipe.run([LFW / "images" / p for p in PEOPLE], score=False)])
+    assert len(crops) >= len(PEOPLE)
+    (quality, qname), (w600k, wname) = create_embedder(pipe, "quality"), create_embedder(pipe, "w600k_mbf")
+    assert np.abs(quality.embed(crops) - w600k.embed(crops)).max() < 1e-4
+    assert DEFAULT_THRESHOLDS[qname] == DEFAULT_THRESHOLDS[wname]

@@ -232,7 +232,6 @@ def test_api_best_without_its_recognition_model_is_a_typed_503(tmp_path: Path) -
         srv.stop()
 
 
-
 def test_quality_embedder_shares_w600k_mbf_threshold_because_it_is_its_embedding() -> None:
     """crfiqa_mbf v2's ``embedding`` output is w600k_mbf's (frozen backbone), so ``--embedder quality`` must use
     w600k_mbf's measured threshold; a model whose embedding drifted would need its own measurement."""

@@ -31,7 +31,7 @@ def score_loop(paths: list[Path], settings) -> float:
     """Images/s of ``Pipeline.run`` over ``paths`` with the models already loaded."""
     from crfiqa.service.pipeline import Pipeline
 
-    pipe = Pipeline(replace(settings, intra_op_threads=0))  # as crfiqa score: ONNX Runtime on every core
+    pipe = Pipeline(settings)  # crfiqa score's own settings: the defaults of Settings, unchanged
     pipe.load()
     list(pipe.run(paths[:4]))  # warm-up
     t = time.perf_counter()

@@ -22,7 +22,8 @@ def add_curate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--components", action="store_true", help="add the quality component columns")
     p.add_argument("--batch-size", type=int, default=32, help="images per scoring call, faces per model call")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the scoring actors (one actor per GPU)")
-    p.add_argument("--actors", type=int, default=0, help="most scoring actors (default: one per GPU, or per 2 of the CPUs scoring gets: 3/4)")
+    p.add_argument("--actors", type=int, default=0, help="most scoring actors (default: one per GPU); without "
+                   "GPUs, most tasks at once, each preparing and scoring its batch (default: one per CPU)")
     p.add_argument("--shard-size", type=int, default=1024, help="images per output shard (the unit of resume)")
     p.add_argument("--model", default=None, help="quality model: manifest name or .onnx path")
     p.add_argument("--detector", default=None, help="detector name from the manifest (default scrfd_500m)")

@@ -38,7 +38,7 @@ class CurateConfig:
     components: bool = False
     batch_size: int = 32  # images per scoring call (and faces per model call)
     num_gpus: float = 0.0
-    actors: int = 0  # 0: one per GPU, else one per 2 of the CPUs given to scoring (``resources``)
+    actors: int = 0  # most scoring actors (0: one per GPU); on CPUs only, most tasks at once (0: one per CPU)
     shard_size: int = 1024
     thumbnails: int = 8  # per decile
     report: bool = True
@@ -94,28 +94,15 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-#: The model's share of the CPU cost of an image on raw photos (benchmarks/curate.py, one thread: decode 1.1,
-#: detect 3.0, align 0.5, score 11.9 ms per image): CPU scoring reserves this share of the cluster's CPUs.
-CPU_SCORE_SHARE = 0.75
-
-
 def resources(cfg: CurateConfig):
-    """How the stages share the cluster: scorers on GPUs, or on the model's share of the CPUs; detection in
-    tasks on the rest (one CPU each, or a fraction on a node too small for a whole one beside the scorers)."""
-    import ray
-
+    """How the stages share the cluster: with GPUs, scoring actors on them and detection in tasks on the CPUs;
+    on CPUs only, tasks that prepare and score their own batch, one CPU (one ONNX Runtime thread) each."""
     from crfiqa.curation.job import Resources
 
-    cpus = float(ray.cluster_resources().get("CPU", 1))
     if cfg.num_gpus:
         actors = cfg.actors or max(1, math.floor(cfg.num_gpus))
         return Resources(num_gpus=cfg.num_gpus, actors=actors, scorer_cpus=1.0)
-    # Scorers of two ONNX Runtime threads each (docs/scale.md: on 2 cores, one scorer of 1.5 CPUs and one
-    # prepare task beside it ran 0.69x the score loop; one 1-thread scorer beside two tasks 0.45-0.55x).
-    scoring = cpus * CPU_SCORE_SHARE
-    actors = cfg.actors or max(1, round(scoring / 2))
-    return Resources(actors=actors, scorer_cpus=round(scoring / actors, 2),
-                     prepare_cpus=round(min(1.0, cpus - scoring), 2))
+    return Resources(actors=cfg.actors, scorer_cpus=1.0, fused=True)
 
 
 def curate(cfg: CurateConfig) -> CurateSummary:
@@ -142,6 +129,9 @@ def curate(cfg: CurateConfig) -> CurateSummary:
     if todo:
         from crfiqa.curation import job
 
+        # A missing or broken model fails the run here, typed, before Ray starts; otherwise every task would
+        # fail on it (the driver needs the models anyway: the report cuts its thumbnails here).
+        Pipeline(replace(cfg.settings, intra_op_threads=1)).load(detector=not options.aligned)
         with ray_session(cfg.ray_address, cfg.num_gpus):
             _quiet_ray_data()
             for batch in job.run(source, todo, cfg.shard_size, replace(cfg.settings, batch_size=cfg.batch_size),

@@ -91,7 +91,10 @@ def _session(path: str | Path, providers: Sequence[str], intra_op_threads: int, 
             provider_list.append((name, {"arena_extend_strategy": "kSameAsRequested"}))
         else:
             provider_list.append(name)
-    return ort.InferenceSession(str(path), sess_options=options, providers=provider_list)
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=provider_list)
+    except Exception as exc:  # ORT's own untyped errors (InvalidProtobuf, Fail, ...): not an ONNX model it can run
+        raise ModelError(f"{path}: ONNX Runtime cannot load this model: {exc}", code="bad_model") from exc
 
 
 class _Activity:

@@ -173,6 +173,16 @@ def test_missing_model_fails_clearly(tmp_path: Path) -> None:
     assert r.returncode == 1 and "model_not_found" in r.stderr and "crfiqa models fetch" in r.stderr
 
 
+def test_broken_model_file_fails_typed_without_a_traceback(tmp_path: Path) -> None:
+    """A file that is not an ONNX model given as --model: the typed ``bad_model`` naming it, not ONNX
+    Runtime's InvalidProtobuf traceback."""
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model\n")
+    r = crfiqa("score", str(SAMPLES / "t1.jpg"), "--model", str(broken))
+    assert r.returncode == 1 and "bad_model" in r.stderr and str(broken) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_models_fetch_from_mirror_and_verify(tmp_path: Path) -> None:
     env = {**ENV, "CRFIQA_MODELS_DIR": str(tmp_path / "m"), "CRFIQA_MODEL_MIRROR": str(SHARED_MODELS)}
     r = crfiqa("models", "fetch", "scrfd_500m", "yunet_2023mar", "--quiet", env=env)

@@ -197,6 +197,28 @@ def test_resume_skips_complete_shards(curated) -> None:
     assert not list((cfg.dst / "shards").glob(".*.tmp"))  # no half-written shard left behind
 
 
+def test_gpu_layout_run_on_cpus_gives_the_fused_rows(ray_cluster, curated, dataset: Path) -> None:
+    """Without GPUs curate runs fused (each task prepares and scores its batch); the GPU layout (prepare tasks,
+    then a scoring actor pool fed crops through the object store), run here on CPUs, gives the same rows."""
+    from crfiqa.curation import job
+    from crfiqa.curation.curate import resources
+
+    cfg, _ = curated
+    assert resources(cfg) == job.Resources(actors=0, scorer_cpus=1.0, fused=True)
+    source = open_source(dataset)
+    rows = {}
+    for layout in (job.Resources(actors=1, scorer_cpus=1.0, prepare_cpus=1.0), resources(cfg)):
+        batches = job.run(source, list(range(len(source))), SHARD, cfg.settings, cfg.options, layout, 4)
+        table = pa.concat_tables(list(batches)).sort_by("index")
+        rows[layout.fused] = table.select(["index", "status", "error_code", "faces", "det_score", "boxes",
+                                           "quality_raw", "quality_score"]).to_pylist()
+    assert len(rows[True]) == len(source) and sum(r["faces"] for r in rows[True]) > 0
+    for split, fused in zip(rows[False], rows[True], strict=True):
+        for key in ("quality_raw", "quality_score"):  # batches differ: the model's values within 1e-5
+            assert np.allclose(np.frombuffer(split.pop(key), "<f8"), np.frombuffer(fused.pop(key), "<f8"), atol=1e-5)
+        assert split == fused  # the same detections, statuses and error codes, image by image
+
+
 def test_cli_recordio_on_the_running_cluster(ray_cluster, tmp_path: Path) -> None:
     """``crfiqa curate train.rec --aligned --ray-address ...`` joins the module's cluster: one row per record
     with its class as identity, scores equal to the pipeline's on the record bytes, a drop-fraction filter."""
@@ -365,3 +387,19 @@ def test_a_file_name_that_is_not_utf8_is_named_before_any_work(tmp_path: Path) -
     with pytest.raises(CrfiqaError) as info:
         open_source(tmp_path)
     assert info.value.code == "bad_name" and "caf" in info.value.message and "1 file names" in info.value.message
+
+
+def test_broken_model_fails_before_ray_starts(tmp_path: Path) -> None:
+    """``crfiqa curate --model broken.onnx``: the typed ``bad_model`` from the driver before any Ray task (each
+    task failing on it raised Ray's UserCodeException with ONNX Runtime's traceback), and no shard written."""
+    from tests.helpers import SAMPLES
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model\n")
+    (tmp_path / "list.txt").write_text(f"{SAMPLES / 't1.jpg'}\n")
+    r = subprocess.run([sys.executable, "-m", "crfiqa.cli", "curate", str(tmp_path / "list.txt"), "--out",
+                        str(tmp_path / "dst"), "--model", str(broken), "--no-report"],
+                       capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert r.returncode == 1 and "bad_model" in r.stderr and str(broken) in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "ray" not in r.stderr.lower()
+    assert not list((tmp_path / "dst").glob("shards/*.parquet"))

@@ -48,8 +48,8 @@ def run_curate(args: argparse.Namespace) -> int:
 
     if args.drop_fraction is not None and not 0 <= args.drop_fraction < 1:
         raise CrfiqaError("--drop-fraction must be in [0, 1)", code="bad_argument")
-    if args.batch_size < 1 or args.shard_size < 1 or args.num_gpus < 0:
-        raise CrfiqaError("--batch-size and --shard-size must be positive, --num-gpus not negative",
+    if args.batch_size < 1 or args.shard_size < 1 or args.num_gpus < 0 or args.actors < 0:
+        raise CrfiqaError("--batch-size and --shard-size must be positive, --num-gpus and --actors not negative",
                           code="bad_argument")
     settings = replace(_pipeline(args, args.model).settings, batch_size=args.batch_size)
     cfg = CurateConfig(args.src, args.out, settings, Options(aligned=args.aligned, select=args.select),

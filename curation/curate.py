@@ -115,6 +115,11 @@ def curate(cfg: CurateConfig) -> CurateSummary:
     config = {"settings": asdict(cfg.settings) | {"intra_op_threads": None, "solo_threads": None,
                                                    "decode_workers": None, "batch_size": None, "providers": None},
               "options": asdict(options), "source": source.location}
+    # A missing or broken model fails the run here, typed, before Ray starts and before DST is claimed by a
+    # manifest (every task would fail on it; the driver needs the models anyway: the report's thumbnails).
+    # On this CPU, one thread: a GPU context or a second (solo) session would be held for the whole job.
+    Pipeline(replace(cfg.settings, providers=("CPUExecutionProvider",), intra_op_threads=1, solo_threads=0)).load(
+        detector=not options.aligned)
     outputs.check_manifest(cfg.dst, {"source": source.location, "kind": source.kind, "items": len(source),
                                      "shard_size": cfg.shard_size, "shards": n_shards,
                                      "fingerprint": outputs.fingerprint(source.names, config)})
@@ -129,9 +134,6 @@ def curate(cfg: CurateConfig) -> CurateSummary:
     if todo:
         from crfiqa.curation import job
 
-        # A missing or broken model fails the run here, typed, before Ray starts; otherwise every task would
-        # fail on it (the driver needs the models anyway: the report cuts its thumbnails here).
-        Pipeline(replace(cfg.settings, intra_op_threads=1)).load(detector=not options.aligned)
         with ray_session(cfg.ray_address, cfg.num_gpus):
             _quiet_ray_data()
             for batch in job.run(source, todo, cfg.shard_size, replace(cfg.settings, batch_size=cfg.batch_size),

@@ -50,13 +50,15 @@ class Resources:
 
 
 _PIPELINES: dict[PipelineSettings, Pipeline] = {}
+_KEEP_PIPELINES = 2  # a long-lived worker serves job after job: keep the models of the latest settings only
 
 
 def _task_pipeline(settings: PipelineSettings) -> Pipeline:
-    """One pipeline per worker process and settings: Ray reuses workers, so the detector opens once each."""
-    pipe = _PIPELINES.get(settings)
-    if pipe is None:
-        pipe = _PIPELINES[settings] = Pipeline(settings)
+    """One pipeline per worker process and settings: Ray reuses workers, so the models open once each."""
+    pipe = _PIPELINES.pop(settings, None) or Pipeline(settings)
+    _PIPELINES[settings] = pipe  # now the newest
+    while len(_PIPELINES) > _KEEP_PIPELINES:
+        del _PIPELINES[next(iter(_PIPELINES))]
     return pipe
 
 
@@ -155,7 +157,11 @@ def curate_batch(batch: dict[str, np.ndarray], settings: PipelineSettings, optio
                  loader: Loader) -> dict[str, np.ndarray]:
     """``prepare_batch`` then ``Scorer`` on one batch in one task (the fused CPU job), with the worker's cached
     pipeline: Ray reuses its workers, so each opens the detector and the quality model once."""
-    return Scorer(settings)(prepare_batch(batch, settings, options, loader))
+    scorer = Scorer(settings)
+    # Both models first: a broken copy on this node fails the task (and the job), typed, instead of turning
+    # every image into a bad_model row of a shard that resume would then skip as complete.
+    scorer.pipe.load(detector=not options.aligned, quality=False)
+    return scorer(prepare_batch(batch, settings, options, loader))
 
 
 def items_table(source: DataSource, indices: list[int], shard_size: int):
@@ -187,7 +193,8 @@ def run(source: DataSource, indices: list[int], shard_size: int, settings: Pipel
                                  solo_threads=0, decode_workers=1)
         ds = ds.map_batches(curate_batch, batch_size=batch_size, batch_format="numpy",  # type: ignore[arg-type]
                             fn_kwargs={"settings": fused_settings, "options": options, "loader": Loader(source.rec)},
-                            num_cpus=resources.scorer_cpus, concurrency=resources.actors or None)
+                            num_cpus=resources.scorer_cpus,
+                            compute=ray.data.TaskPoolStrategy(size=resources.actors) if resources.actors else None)
         # One operator: Ray Data's per-operator reservation would only hold half the CPUs back while the first
         # tasks run (measured on 2 CPUs: one task at a time for the first ~1.2 s of every job).
         ds.context.op_resource_reservation_enabled = False

@@ -401,5 +401,5 @@ def test_broken_model_fails_before_ray_starts(tmp_path: Path) -> None:
                         str(tmp_path / "dst"), "--model", str(broken), "--no-report"],
                        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert r.returncode == 1 and "bad_model" in r.stderr and str(broken) in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and "ray" not in r.stderr.lower()
-    assert not list((tmp_path / "dst").glob("shards/*.parquet"))
+    assert "Traceback" not in r.stderr and "UserCodeException" not in r.stderr and "ray.init" not in r.stderr
+    assert not (tmp_path / "dst" / "manifest.json").exists()  # DST not claimed: the right model can go there

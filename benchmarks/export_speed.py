@@ -7,6 +7,8 @@ The models are timed in interleaved rounds (every model once per round, same inp
 as the service: ONNX Runtime, CPU, all optimisations) and the median round is reported, so a load spike on a
 shared machine hits all of them alike. "fresh export" is w600k_mbf through the ONNX importer and
 ``crfiqa export``'s optimised exporter (with a random quality head): what a checkpoint of it exports to.
+Every session is opened as crfiqa opens it on the CPU (PRelu run as Max(x, x * slope), ``prelu_as_max``); the
+"as is" rows open the same files without that rewrite (ONNX Runtime's own PRelu kernel).
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_fresh:
             models["fresh export"] = fresh_export(Path(tmp) / "fresh.onnx")
         sessions = {k: create_session(p, ("CPUExecutionProvider",), args.threads) for k, p in models.items()}
+        for k in list(models):
+            if k != "fresh export":
+                models[f"{k}, as is"] = models[k]
+                sessions[f"{k}, as is"] = create_session(models[k], ("CPUExecutionProvider",), args.threads,
+                                                         cpu_rewrite=False)
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         rng = np.random.default_rng(0)
         rates: dict[tuple[str, int], list[float]] = {(k, b): [] for k in models for b in sizes}
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                 med, src = statistics.median(rates[k, b]), statistics.median(rates["source", b])
                 row += f"{med:>10.1f}{med / src:>8.2f}"
             print(row)
-        print("ratio = faces/s / source faces/s at the same batch size; goal >= 0.95")
+        print("ratio = faces/s / source faces/s at the same batch size; goal >= 0.95 (both opened as crfiqa does)")
         for k, p in models.items():
             ops = op_counts(p)
             print(f"  {k}: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items())))

@@ -91,3 +91,53 @@ def test_pipeline_models_use_the_solo_setting(make_pipeline) -> None:
     pipe: Pipeline = make_pipeline(solo_threads=2)
     assert isinstance(pipe.quality.session, SoloSession) and isinstance(pipe.detector.session, SoloSession)
     assert not isinstance(make_pipeline().quality.session, SoloSession)
+
+
+def test_prelu_rewrite_is_exact_on_the_shipped_model_and_its_source() -> None:
+    """On the CPU every PRelu of crfiqa_mbf and w600k_mbf (all slopes <= 1) runs as Max(x, x * slope): no PRelu
+    is left, and both outputs equal the file opened as is bit for bit on real aligned LFW faces and on inputs
+    far outside the normalised range (negative activations everywhere)."""
+    import onnx
+
+    from crfiqa.service.runtime import prelu_as_max
+    from tests.helpers import SHARED_MODELS
+
+    path, blob, _ = _quality_blob(Pipeline(), 6)
+    wild = np.random.default_rng(0).uniform(-4, 4, (3, 3, 112, 112)).astype(np.float32)
+    for model in (path, str(SHARED_MODELS / "fr" / "insightface_w600k_mbf.onnx")):
+        rewritten = prelu_as_max(model)
+        assert rewritten is not None
+        ops = [n.op_type for n in onnx.load_from_string(rewritten).graph.node]
+        prelus = [n.op_type for n in onnx.load(model).graph.node].count("PRelu")
+        assert prelus > 0 and "PRelu" not in ops and ops.count("Max") == prelus
+        fast, plain = create_session(model, CPU, 1), create_session(model, CPU, 1, cpu_rewrite=False)
+        name = plain.get_inputs()[0].name
+        for x in (blob, wild):
+            for a, b in zip(fast.run(None, {name: x}), plain.run(None, {name: x}), strict=True):
+                assert np.array_equal(a, b)
+
+
+def test_prelu_with_a_slope_above_one_is_left_as_prelu(tmp_path) -> None:
+    """Max(x, x * slope) is PRelu only for slopes <= 1: a node with a slope of 2 stays PRelu; one with slopes
+    of -0.5 and 0.25 is rewritten and computes PRelu's values."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from crfiqa.service.runtime import prelu_as_max
+
+    def model(slopes: list[float]) -> str:
+        s = numpy_helper.from_array(np.array(slopes, np.float32).reshape(2, 1, 1), "slope")
+        graph = helper.make_graph([helper.make_node("PRelu", ["x", "slope"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])], [s])
+        path = tmp_path / f"prelu{len(list(tmp_path.iterdir()))}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return str(path)
+
+    x = np.array([-2, -1, 1, 2, -3, 0, 3, -0.5], np.float32).reshape(1, 2, 2, 2)
+    for slopes, rewritten in (([0.5, 2.0], False), ([-0.5, 0.25], True)):
+        path = model(slopes)
+        assert (prelu_as_max(path) is not None) == rewritten
+        s = np.array(slopes, np.float32).reshape(1, 2, 1, 1)
+        (y,) = create_session(path, CPU, 1).run(None, {"x": x})
+        assert np.array_equal(y, np.where(x >= 0, x, x * s))

@@ -5,8 +5,11 @@
 Starts ``crfiqa serve`` on a free loopback port, sends each image as its own multipart request (or
 ``--per-request`` images per request) from N concurrent clients (one asyncio loop), and prints images/s and
 p50/p95/p99 latency beside the in-process pipeline's end-to-end images/s on the same images, and the load
-generator's own CPU per request: it shares the cores with the server (about 3 ms per request with httpx on
-the 2-core development machine, 0.1-0.16 of a core), which the in-process run does not pay.
+generator's own CPU per request: it shares the cores with the server, which the in-process run does not pay.
+``--client raw`` (the default) writes pre-encoded HTTP/1.1 requests on keep-alive connections and reads each
+answer by its Content-Length, like wrk or hey (about 0.3 ms of CPU per request here); ``--client httpx`` uses
+httpx's AsyncClient (about 3 ms per request on the 2-core development machine, a fifth of a request's server
+time, which one client waits for in full).
 """
 
 from __future__ import annotations
@@ -59,6 +62,54 @@ async def load(url: str, payloads: list[tuple[str, bytes]], clients: int, rounds
         t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(c) for _ in range(clients)))
         return time.perf_counter() - t0, latencies, errors, time.process_time() - cpu0
+
+
+def encode(url: str, group: list[tuple[str, bytes]]) -> bytes:
+    """One ``POST /v1/quality`` request, multipart, as the bytes a client writes (keep-alive)."""
+    boundary = "crfiqa-bench-boundary"
+    parts = [b"--%s\r\nContent-Disposition: form-data; name=\"images\"; filename=\"%s\"\r\n"
+             b"Content-Type: application/octet-stream\r\n\r\n%s\r\n" % (boundary.encode(), name.encode(), data)
+             for name, data in group]
+    body = b"".join(parts) + b"--%s--\r\n" % boundary.encode()
+    host = url.split("//", 1)[1]
+    head = (f"POST /v1/quality HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def raw_load(url: str, payloads: list[tuple[str, bytes]], clients: int, rounds: int, per_request: int = 1
+                   ) -> tuple[float, list[float], int, float]:
+    """``load`` with pre-encoded requests on one keep-alive connection per client; each answer is read by its
+    Content-Length (uvicorn sends one on every JSON response)."""
+    requests = [encode(url, payloads[i:i + per_request]) for i in range(0, len(payloads), per_request)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for _ in range(rounds):
+        for r in requests:
+            queue.put_nowait(r)
+    latencies: list[float] = []
+    errors = 0
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+
+    async def client() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while not queue.empty():
+                request = queue.get_nowait()
+                t = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                length = next(int(v) for k, _, v in (h.partition(":") for h in lines[1:]) if k.lower() == "content-length")
+                body = await reader.readexactly(length)
+                latencies.append(time.perf_counter() - t)
+                errors += lines[0].split()[1] != "200" or not body.startswith(b'{"model"')  # a QualityResponse
+        finally:
+            writer.close()
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - t0, latencies, errors, time.process_time() - cpu0
 
 
 async def loop_probe(url: str, megabytes: float, every_s: float = 0.002) -> tuple[float, float, float]:
@@ -120,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--per-request", type=int, default=1, help="images per request")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="load generator: pre-encoded requests on raw connections, or httpx's AsyncClient")
     ap.add_argument("--repeat", type=int, default=3, help="alternating in-process/service runs per client count")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "lfw" / "images")
     ap.add_argument("--models-dir", type=Path, default=REPO.parent / "shared" / "models")
@@ -143,11 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     server = Server(env=env)
     try:
         server.wait_ready()
-        asyncio.run(load(server.url, payloads[:8], 4, 1))  # warm the connection path
+        send = raw_load if args.client == "raw" else load
+        asyncio.run(send(server.url, payloads[:8], 4, 1))  # warm the connection path
         # The in-process rate is measured right before each client count (the server idles meanwhile:
         # its ONNX Runtime threads sleep), so a machine shared with other jobs moves both alike.
         print(f"\nservice benchmark: {len(paths)} LFW images x {args.rounds}, {args.per_request} per request "
-              f"({args.providers}; {' '.join(args.env) or 'default settings'}; load {os.getloadavg()[0]:.1f})")
+              f"({args.providers}; {' '.join(args.env) or 'default settings'}; {args.client} client; "
+              f"load {os.getloadavg()[0]:.1f})")
         # The client runs on the same cores as the server (the in-process run has none): its CPU share is
         # printed so that the ratio can be read as what it is.
         print(f"{'clients':>8}{'images/s':>10}{'in-process':>12}{'ratio':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
@@ -156,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             raw_rate, rate = 0.0, 0.0
             for _ in range(args.repeat):  # alternate; each side's best run counts
                 raw_rate = max(raw_rate, raw())
-                seconds, run_lat, run_errors, run_cpu = asyncio.run(load(server.url, payloads, clients, args.rounds,
+                seconds, run_lat, run_errors, run_cpu = asyncio.run(send(server.url, payloads, clients, args.rounds,
                                                                          args.per_request))
                 if len(paths) * args.rounds / seconds > rate:
                     rate, lat, errors = len(paths) * args.rounds / seconds, run_lat, run_errors

@@ -117,9 +117,10 @@ def curate(cfg: CurateConfig) -> CurateSummary:
               "options": asdict(options), "source": source.location}
     # A missing or broken model fails the run here, typed, before Ray starts and before DST is claimed by a
     # manifest (every task would fail on it; the driver needs the models anyway: the report's thumbnails).
-    # On this CPU, one thread: a GPU context or a second (solo) session would be held for the whole job.
-    Pipeline(replace(cfg.settings, providers=("CPUExecutionProvider",), intra_op_threads=1, solo_threads=0)).load(
-        detector=not options.aligned)
+    # On this CPU, one thread: a GPU context or a second (solo) session would be held for the whole job. The
+    # report's thumbnails reuse this pipeline.
+    driver = Pipeline(replace(cfg.settings, providers=("CPUExecutionProvider",), intra_op_threads=1, solo_threads=0))
+    driver.load(detector=not options.aligned)
     outputs.check_manifest(cfg.dst, {"source": source.location, "kind": source.kind, "items": len(source),
                                      "shard_size": cfg.shard_size, "shards": n_shards,
                                      "fingerprint": outputs.fingerprint(source.names, config)})
@@ -152,7 +153,7 @@ def curate(cfg: CurateConfig) -> CurateSummary:
         filters.write_filter(cfg.dst, result)
     summary = _summary(scores, n_shards, writer.written, len(done), job_seconds, stages, result)
     if cfg.report:
-        write_report(cfg, source, options, scores, result, summary, time.perf_counter() - t0)
+        write_report(cfg, driver, source, options, scores, result, summary, time.perf_counter() - t0)
     (cfg.dst / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary
 
@@ -183,13 +184,12 @@ def _summary(scores, n_shards: int, written: list[int], skipped: int, seconds: f
         kept=result.n_kept if result else None)
 
 
-def thumbnails(source: DataSource, settings: PipelineSettings, options: Options,
+def thumbnails(source: DataSource, pipe: Pipeline, options: Options,
                picks: list[list[tuple[str, int, float]]]) -> list[list[tuple[str, int, float, bytes]]]:
     """JPEG crops of the picked faces, cut again by the pipeline's own ``prepare`` on the driver (a few dozen
     images), so the shards never carry pixels."""
     import cv2
 
-    pipe = Pipeline(replace(settings, intra_op_threads=1))
     loader = Loader(source.rec)
     crops: dict[str, object] = {}
     out = []
@@ -210,15 +210,15 @@ def thumbnails(source: DataSource, settings: PipelineSettings, options: Options,
     return out
 
 
-def write_report(cfg: CurateConfig, source: DataSource, options: Options, scores, result, summary: CurateSummary,
-                 seconds: float) -> Path:
-    """``DST/report.html``."""
+def write_report(cfg: CurateConfig, pipe: Pipeline, source: DataSource, options: Options, scores, result,
+                 summary: CurateSummary, seconds: float) -> Path:
+    """``DST/report.html`` (its thumbnails cut by ``pipe``, the driver's pipeline)."""
     edges, picks = report.decile_faces(scores, cfg.thumbnails)
     facts = {"source": f"{source.location} ({source.kind})", "shards": f"{summary.shards} "
              f"({len(summary.shards_written)} written, {summary.shards_skipped} skipped as complete)",
              "wall time": f"{seconds:.1f} s"}
     data = report.ReportData(f"crfiqa curate: {Path(source.location).name}", scores, facts,
-                             thumbnails(source, cfg.settings, options, picks), edges, result, summary.stages)
+                             thumbnails(source, pipe, options, picks), edges, result, summary.stages)
     path = cfg.dst / "report.html"
     tmp = path.with_name(".report.html.tmp")
     tmp.write_text(report.render(data))

@@ -90,10 +90,11 @@ def prelu_as_max(path: str | Path) -> bytes | None:
     graph = model.graph
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
         return None
-    slopes = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants = {t.name: t for t in graph.initializer}
     nodes, changed = [], False
     for node in graph.node:
-        slope = slopes.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) == 2 else None
+        tensor = constants.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) == 2 else None
+        slope = numpy_helper.to_array(tensor) if tensor is not None else None  # only slopes, not every weight
         if slope is None or not slope.size or not bool((slope <= 1).all()):
             nodes.append(node)
             continue

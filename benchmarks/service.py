@@ -22,8 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -36,32 +38,54 @@ from crfiqa.service.imaging import list_images  # noqa: E402
 from crfiqa.service.pipeline import Pipeline, PipelineSettings  # noqa: E402
 from tests.server import Server  # noqa: E402
 
+#: One request of a load generator: sends its item, True when answered 200 with a QualityResponse.
+Send = Callable[[Any], Awaitable[bool]]
 
-async def load(url: str, payloads: list[tuple[str, bytes]], clients: int, rounds: int, per_request: int = 1
-               ) -> tuple[float, list[float], int, float]:
-    """Send every payload ``rounds`` times from ``clients`` concurrent clients, ``per_request`` images per
-    request; (seconds, per-request latencies, errors, the load generator's own CPU seconds)."""
+
+async def drive(items: list, clients: int, rounds: int, connect: Callable[[], AbstractAsyncContextManager[Send]]
+                ) -> tuple[float, list[float], int, float]:
+    """Send every item ``rounds`` times from ``clients`` concurrent clients, each on its own ``connect()``;
+    (seconds, per-request latencies, errors, the load generator's own CPU seconds)."""
     queue: asyncio.Queue = asyncio.Queue()
     for _ in range(rounds):
-        for i in range(0, len(payloads), per_request):
-            queue.put_nowait(payloads[i:i + per_request])
+        for item in items:
+            queue.put_nowait(item)
     latencies: list[float] = []
     errors = 0
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client() -> None:
         nonlocal errors
-        while not queue.empty():
-            group = queue.get_nowait()
-            t = time.perf_counter()
-            r = await c.post(url + "/v1/quality", files=[("images", p) for p in group])
-            latencies.append(time.perf_counter() - t)
-            errors += r.status_code != 200
+        async with connect() as send:
+            while not queue.empty():
+                item = queue.get_nowait()
+                t = time.perf_counter()
+                ok = await send(item)
+                latencies.append(time.perf_counter() - t)
+                errors += not ok
 
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(client(c) for _ in range(clients)))
-        return time.perf_counter() - t0, latencies, errors, time.process_time() - cpu0
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - t0, latencies, errors, time.process_time() - cpu0
+
+
+def groups(payloads: list[tuple[str, bytes]], per_request: int) -> list[list[tuple[str, bytes]]]:
+    """The payloads, ``per_request`` images per request."""
+    return [payloads[i:i + per_request] for i in range(0, len(payloads), per_request)]
+
+
+async def load(url: str, payloads: list[tuple[str, bytes]], clients: int, rounds: int, per_request: int = 1
+               ) -> tuple[float, list[float], int, float]:
+    """``drive`` with httpx's AsyncClient (its pool holds one connection per client)."""
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients)) as c:
+        async def send(group: list[tuple[str, bytes]]) -> bool:
+            r = await c.post(url + "/v1/quality", files=[("images", p) for p in group])
+            return r.status_code == 200
+
+        @asynccontextmanager
+        async def connect() -> AsyncIterator[Send]:
+            yield send
+
+        return await drive(groups(payloads, per_request), clients, rounds, connect)
 
 
 def encode(url: str, group: list[tuple[str, bytes]]) -> bytes:
@@ -79,37 +103,28 @@ def encode(url: str, group: list[tuple[str, bytes]]) -> bytes:
 
 async def raw_load(url: str, payloads: list[tuple[str, bytes]], clients: int, rounds: int, per_request: int = 1
                    ) -> tuple[float, list[float], int, float]:
-    """``load`` with pre-encoded requests on one keep-alive connection per client; each answer is read by its
+    """``drive`` with pre-encoded requests on one keep-alive connection per client; each answer is read by its
     Content-Length (uvicorn sends one on every JSON response)."""
-    requests = [encode(url, payloads[i:i + per_request]) for i in range(0, len(payloads), per_request)]
-    queue: asyncio.Queue = asyncio.Queue()
-    for _ in range(rounds):
-        for r in requests:
-            queue.put_nowait(r)
-    latencies: list[float] = []
-    errors = 0
     host, port = url.split("//", 1)[1].rsplit(":", 1)
 
-    async def client() -> None:
-        nonlocal errors
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Send]:
         reader, writer = await asyncio.open_connection(host, int(port))
+
+        async def send(request: bytes) -> bool:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            length = next(int(v) for k, _, v in (h.partition(":") for h in lines[1:]) if k.lower() == "content-length")
+            body = await reader.readexactly(length)
+            return lines[0].split()[1] == "200" and body.startswith(b'{"model"')  # a QualityResponse
+
         try:
-            while not queue.empty():
-                request = queue.get_nowait()
-                t = time.perf_counter()
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                length = next(int(v) for k, _, v in (h.partition(":") for h in lines[1:]) if k.lower() == "content-length")
-                body = await reader.readexactly(length)
-                latencies.append(time.perf_counter() - t)
-                errors += lines[0].split()[1] != "200" or not body.startswith(b'{"model"')  # a QualityResponse
+            yield send
         finally:
             writer.close()
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return time.perf_counter() - t0, latencies, errors, time.process_time() - cpu0
+    return await drive([encode(url, g) for g in groups(payloads, per_request)], clients, rounds, connect)
 
 
 async def loop_probe(url: str, megabytes: float, every_s: float = 0.002) -> tuple[float, float, float]:

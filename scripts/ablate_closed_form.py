@@ -33,6 +33,13 @@ def column_groups(embedding_size: int, channels: list[int], taps: list[str]) -> 
     return groups
 
 
+def identity_weights(labels: torch.Tensor, power: float) -> torch.Tensor:
+    """Row weights ∝ (faces of the row's identity) ** -power, mean 1: power 1 gives every identity the same
+    total weight, so the many-photo identities stop dominating the fit."""
+    w = torch.bincount(labels).double()[labels] ** -power
+    return w * len(w) / w.sum()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print one markdown table per dev set and FMR."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,16 +61,19 @@ def main(argv: list[str] | None = None) -> None:
         "all maps, clean faces only": (every, 1),
         "all maps, without the unit embedding": (every[model.embedding_size:], None),
         "shipped: all maps + degraded copies": (every, None),
+        "shipped, identities weighted equally": (every, None, 1.0),
+        "shipped, identities weighted by 1/sqrt(faces)": (every, None, 0.5),
     }
     dataset, embs, feats = all_copies(cfg, model, args.run)  # the run's shards
     labels = torch.tensor([label for _, label in dataset.samples])
     targets = cr_targets(embs, labels, dataset.num_classes, cfg.cr_target)
     fits = {}
-    for name, (cols, n) in variants.items():
+    for name, (cols, n, *power) in variants.items():
         use = n or len(feats)
         lin = torch.nn.Linear(len(cols), 1)
         ridge_fit(lin, torch.cat([f[:, cols] for f in feats[:use]]), torch.cat(targets[:use]),
-                  alpha=cfg.ridge_alpha * use * len(labels))
+                  alpha=cfg.ridge_alpha * use * len(labels),
+                  weights=identity_weights(labels, power[0]).repeat(use) if power else None)
         fits[name] = (cols, lin)
 
     pipe = Pipeline(PipelineSettings())

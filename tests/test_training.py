@@ -430,6 +430,21 @@ def test_norm_aware_head_sees_the_norm_and_ridge_init_fits_by_hand() -> None:
         build_quality_head("mlp", 8)
 
 
+def test_weighted_ridge_fit_equals_the_fit_on_duplicated_rows() -> None:
+    from crfiqa.training.heads import ridge_fit
+
+    torch.manual_seed(1)
+    x, y = torch.randn(40, 5), torch.randn(40)
+    counts = torch.randint(1, 4, (40,))
+    weighted, duplicated, plain = (torch.nn.Linear(5, 1) for _ in range(3))
+    rmse_w = ridge_fit(weighted, x, y, alpha=3.0, weights=counts.float())
+    rmse_d = ridge_fit(duplicated, x.repeat_interleave(counts, 0), y.repeat_interleave(counts), alpha=3.0)
+    ridge_fit(plain, x, y, alpha=3.0)
+    assert torch.allclose(weighted.weight, duplicated.weight, atol=1e-6)
+    assert torch.allclose(weighted.bias, duplicated.bias, atol=1e-6) and abs(rmse_w - rmse_d) < 1e-9
+    assert not torch.allclose(weighted.weight, plain.weight, atol=1e-3)  # the weights do change the fit
+
+
 def test_leave_one_out_centres_by_hand() -> None:
     from crfiqa.training.losses import LeaveOneOutCentres
 

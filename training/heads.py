@@ -88,20 +88,27 @@ def ridge_init(head: nn.Module, embeddings: torch.Tensor, targets: torch.Tensor,
 
 
 @torch.no_grad()
-def ridge_fit(lin: nn.Linear, features: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0) -> float:
-    """Set ``lin`` to the ridge regression of ``targets`` on ``features`` (standardised for the penalty,
-    intercept free, folded back into the raw-feature weights); returns the fit's RMSE."""
+def ridge_fit(lin: nn.Linear, features: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0,
+              weights: torch.Tensor | None = None) -> float:
+    """Set ``lin`` to the (row-``weights``ed) ridge regression of ``targets`` on ``features`` (standardised for
+    the penalty, intercept free, folded back into the raw-feature weights); returns the fit's weighted RMSE."""
     x = features.double()
     y = targets.double()
-    mu, sd = x.mean(0), x.std(0)
+    # An integer weight is that many copies of the row: the weighted mean, (unbiased) spread and Gram matrix
+    # equal the duplicated set's, so alpha means the same with or without weights.
+    w = torch.ones(len(x), dtype=x.dtype) if weights is None else weights.double()
+    total = w.sum()
+    mu = (w @ x) / total
+    y_mu = (w @ y) / total
+    sd = ((w @ (x - mu) ** 2) / (total - 1)).sqrt()
     # A (nearly) constant column carries no signal: infinite scale gives it weight 0 instead of a huge raw
     # weight that the bias must cancel.
     sd = torch.where(sd > 1e-6 * sd.max().clamp_min(1e-12), sd, torch.full_like(sd, torch.inf))
     z = (x - mu) / sd
-    gram = z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype)
-    w = torch.linalg.solve(gram, z.T @ (y - y.mean()))
-    weight = w / sd
-    bias = y.mean() - (mu * weight).sum()
+    gram = z.T @ (w[:, None] * z) + alpha * torch.eye(z.shape[1], dtype=z.dtype)
+    coef = torch.linalg.solve(gram, z.T @ (w * (y - y_mu)))
+    weight = coef / sd
+    bias = y_mu - (mu * weight).sum()
     lin.weight.copy_(weight[None].to(lin.weight.dtype))
     lin.bias.fill_(float(bias))
-    return float(((x @ weight + bias - y) ** 2).mean().sqrt())
+    return float(((w @ (x @ weight + bias - y) ** 2) / total).sqrt())

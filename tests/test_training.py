@@ -22,7 +22,7 @@ from crfiqa.service.imaging import decode_image
 from crfiqa.service.preprocess import to_blob
 from crfiqa.service.registry import resolve
 from crfiqa.training.backbones import create_backbone, list_backbones
-from crfiqa.training.config import load_config
+from crfiqa.training.config import CONFIG_DIR, load_config
 from crfiqa.training.convert_official import load_official
 from crfiqa.training.data import open_dataset
 from crfiqa.training.data.folder import folder_samples
@@ -363,6 +363,14 @@ def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
     cfg = load_config("casia_r50")
     assert (cfg.milestones, cfg.max_steps, cfg.lr, cfg.quality_weight) == ([20000, 28000], 32000, 0.1, 10.0)
     assert load_config("ms1mv2_r100").milestones == [100000, 160000]
+
+
+def test_every_shipped_config_loads_and_the_full_finetune_differs_only_in_freezing() -> None:
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        load_config(path.stem)  # unknown keys or a missing base fail here
+    half, full = load_config("crfiqa_mbf_v2_finetune").to_dict(), load_config("crfiqa_mbf_v2_full_finetune").to_dict()
+    assert {k for k in half if half[k] != full[k]} == {"freeze_fraction", "out"}
+    assert (half["freeze_fraction"], full["freeze_fraction"]) == (0.5, 0.0)
 
 
 # ---------------------------------------------------------------- export and import

@@ -3,9 +3,11 @@ and its dry run (every table, real models and LFW faces) runs end to end, so the
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers import REPO, SHARED_MODELS
 
@@ -44,3 +46,14 @@ def test_train_throughput_runs_and_reports_samples_per_second() -> None:
     assert run.returncode == 0, run.stderr
     row = re.search(r"^mobilefacenet\s+([\d.]+)$", run.stdout, re.M)
     assert row and float(row[1]) > 0
+
+
+def test_gpu_sh_with_a_given_python_installs_nothing_and_fails_both_parts_on_the_cpu(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    run = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(venv)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "GPU_PYTHON": sys.executable})
+    assert run.returncode == 1 and not venv.exists()  # no venv made, nothing installed
+    assert "GPU_PYTHON: no install" in run.stdout
+    assert "CUDAExecutionProvider is not available" in run.stderr  # the ONNX Runtime part
+    assert "torch sees no CUDA device" in run.stderr  # the training part ran its check all the same
+    assert "FAIL: a part above did not run on the GPU" in run.stderr
